@@ -1,0 +1,303 @@
+"""The few primitives that differ between the asyncio pool and the threaded pool.
+
+`pool_async.py` is written against the `Async*` names; `tools/unasync.py` turns it
+into `pool.py`, which uses the same-named sync twins defined here. Keeping the
+differences in one module is what lets the two shells be one source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable, Coroutine
+from queue import SimpleQueue
+from typing import Any
+
+from ._core.state import Ticket
+
+logger = logging.getLogger("psycopg.pool")
+
+sleep = time.sleep
+asleep = asyncio.sleep
+
+
+async def aresolve(value: Any) -> Any:
+    """Await `value` if it is awaitable (user callbacks may be sync or async)."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def resolve(value: Any) -> Any:
+    return value
+
+
+# ----------------------------------------------------------------------
+# Waiting clients
+
+
+class AsyncWaiter(Ticket):
+    """A ticket woken through a future, with a plain timer for its deadline.
+
+    No `asyncio.wait_for`: on Python < 3.12 it can swallow a cancellation that
+    races with the result and hand the caller a connection it will never return.
+    """
+
+    __slots__ = ("fut",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def wake(self) -> None:
+        if not self.fut.done():
+            self.fut.set_result(True)
+
+    async def wait(self, timeout: float) -> bool:
+        """True if woken, False if `timeout` passed first; cancellation propagates."""
+        fut = self.fut
+        if fut.done():
+            return fut.result()
+        if timeout <= 0:
+            return False
+        handle = fut.get_loop().call_later(timeout, _expire, fut)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+
+
+def _expire(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
+class Waiter(Ticket):
+    """A ticket woken by releasing a lock its waiting thread tries to acquire."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.lock.acquire()
+
+    def wake(self) -> None:
+        try:
+            self.lock.release()
+        except RuntimeError:  # already released: the core wakes a ticket once
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        if timeout <= 0:
+            return self.lock.acquire(blocking=False)
+        return self.lock.acquire(timeout=timeout)
+
+
+# ----------------------------------------------------------------------
+# Sleeping until woken (the housekeeper)
+
+
+class AsyncWakeup:
+    __slots__ = ("_flag", "_fut")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._fut: asyncio.Future[bool] | None = None
+
+    def set(self) -> None:
+        self._flag = True
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(True)
+
+    async def wait(self, timeout: float | None) -> None:
+        if not self._flag:
+            loop = asyncio.get_running_loop()
+            self._fut = fut = loop.create_future()
+            handle = loop.call_later(timeout, _expire, fut) if timeout is not None else None
+            try:
+                await fut
+            finally:
+                self._fut = None
+                if handle is not None:
+                    handle.cancel()
+        self._flag = False
+
+
+class Wakeup:
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout: float | None) -> None:
+        self._event.wait(timeout)
+        self._event.clear()
+
+
+# ----------------------------------------------------------------------
+# Background work
+
+
+class AsyncBackground:
+    """Background jobs as tasks of the running loop.
+
+    The core bounds how many connection attempts run at once, so there is no
+    fixed set of workers to feed.
+    """
+
+    def __init__(self, name: str, num_workers: int) -> None:
+        self.name = name
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.daemons: list[asyncio.Task[Any]] = []
+        self.stopped = False
+
+    def start(self, owner: str) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(f"{owner} open with no running loop") from None
+
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        task = asyncio.get_running_loop().create_task(fn(*args))
+        if not self.stopped:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def daemon(
+        self, name: str, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(fn(*args), name=name)
+        self.daemons.append(task)
+
+    async def stop(self, timeout: float) -> list[str]:
+        """Wait for the jobs up to `timeout`, cancel the rest; return their names."""
+        self.stopped = True
+        pending = [*self.tasks, *self.daemons]
+        if not pending:
+            return []
+        _done, late = await asyncio.wait(pending, timeout=timeout)
+        for task in late:
+            task.cancel()
+        return [t.get_name() for t in late]
+
+
+class Background:
+    """A few daemon worker threads fed by a queue, plus named daemon threads."""
+
+    def __init__(self, name: str, num_workers: int) -> None:
+        self.name = name
+        self.num_workers = num_workers
+        self.queue: SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None]
+        self.queue = SimpleQueue()
+        self.threads: list[threading.Thread] = []
+        self.stopped = False
+
+    def start(self, owner: str) -> None:
+        for i in range(self.num_workers):
+            t = threading.Thread(
+                target=_worker, args=(self.queue,), name=f"{self.name}-worker-{i}", daemon=True
+            )
+            t.start()
+            self.threads.append(t)
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self.stopped:
+            # Late work after close (e.g. an attempt that finished after it): do it here.
+            _run_job(fn, args)
+        else:
+            self.queue.put((fn, args))
+
+    def daemon(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def stop(self, timeout: float) -> list[str]:
+        """Let queued jobs finish, stop the threads; return those still alive."""
+        self.stopped = True
+        for _ in range(self.num_workers):
+            self.queue.put(None)
+        deadline = time.monotonic() + timeout
+        me = threading.current_thread()
+        late = []
+        for t in self.threads:
+            if t is me:
+                continue
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                late.append(t.name)
+        return late
+
+
+def _worker(queue: SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None]) -> None:
+    while True:
+        job = queue.get()
+        if job is None:
+            return
+        _run_job(*job)
+        # Drop the references before blocking again, so that the pool can be collected.
+        del job
+
+
+def _run_job(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        fn(*args)
+    except Exception as ex:
+        logger.warning("task run %s failed: %s: %s", fn, type(ex).__name__, ex)
+
+
+# ----------------------------------------------------------------------
+# Implicit opening and its warnings
+
+
+class AsyncPoolMixin:
+    """Async-only behaviour of the pool classes."""
+
+    _open_implicit: bool
+
+    def _ctor_open_warning(self, open: bool | None) -> None:
+        if open:
+            warnings.warn(_ASYNC_OPEN_MSG.format(cls=type(self).__name__), RuntimeWarning, 3)
+
+    def _warn_implicit(self) -> None:
+        self._open_implicit = False
+        warnings.warn(_ASYNC_OPEN_MSG.format(cls=type(self).__name__), RuntimeWarning, 3)
+
+
+class PoolMixin:
+    """Sync-only behaviour of the pool classes."""
+
+    _open_implicit: bool
+
+    def _ctor_open_warning(self, open: bool | None) -> None:
+        pass
+
+    def _warn_implicit(self) -> None:
+        self._open_implicit = False
+        warnings.warn(_SYNC_OPEN_MSG.format(cls=type(self).__name__), DeprecationWarning, 3)
+
+    def __del__(self) -> None:
+        # Threads hold the pool only weakly, so an open pool can be collected: stop them.
+        stop = getattr(self, "_stop_background", None)
+        if stop is not None:
+            stop(5.0)
+
+
+_ASYNC_OPEN_MSG = (
+    "opening an async pool in its constructor is deprecated and will stop working:"
+    " call 'await pool.open()' or use 'async with {cls}(...) as pool:' instead"
+)
+_SYNC_OPEN_MSG = (
+    "{cls} was opened implicitly by its constructor, and the default of its 'open'"
+    " parameter is going to become False: pass open=True or open=False explicitly,"
+    " or use 'with {cls}(...) as pool:'"
+)

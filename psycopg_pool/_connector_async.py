@@ -1,0 +1,139 @@
+"""Everything the async pool says to psycopg: connect, configure, clean, check, close.
+
+This is the only module (with its generated twin `_connector.py`) that performs
+I/O on a connection. It runs outside the pool's lock and reports back to the pool,
+which turns the outcome into a fact for the core.
+"""
+
+from __future__ import annotations
+
+import logging
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+from psycopg import AsyncConnection, ProgrammingError
+from psycopg.pq import TransactionStatus
+
+from ._acompat import aresolve
+
+if TYPE_CHECKING:
+    from .pool_async import AsyncConnectionPool
+
+logger = logging.getLogger("psycopg.pool")
+
+IDLE = TransactionStatus.IDLE
+ACTIVE = TransactionStatus.ACTIVE
+INTRANS = TransactionStatus.INTRANS
+INERROR = TransactionStatus.INERROR
+UNKNOWN = TransactionStatus.UNKNOWN
+
+
+class AsyncConnectAttempt:
+    """One attempt to open and configure a connection.
+
+    After a failure, `connect_failed` tells whether `connect()` itself failed
+    (upstream counts only those in `connections_errors`) or a later step did.
+    """
+
+    __slots__ = ("connect_failed", "ms")
+
+    def __init__(self) -> None:
+        self.connect_failed = False
+        self.ms = 0
+
+    async def run(
+        self, pool: AsyncConnectionPool[Any], extra: dict[str, Any] | None = None
+    ) -> Any:
+        conninfo: Any = pool.conninfo
+        if callable(conninfo):
+            conninfo = await aresolve(conninfo())
+        kwargs: Any = pool.kwargs
+        if callable(kwargs):
+            kwargs = await aresolve(kwargs())
+        kwargs = dict(kwargs) if kwargs else {}
+        if extra:
+            kwargs.update(extra)
+
+        t0 = monotonic()
+        self.connect_failed = True
+        conn = await pool.connection_class.connect(conninfo or "", **kwargs)
+        self.connect_failed = False
+        self.ms = int(1000.0 * (monotonic() - t0))
+
+        conn._pool = pool
+        try:
+            configure = pool._configure
+            if configure is not None:
+                await configure(conn)
+                status = conn.pgconn.transaction_status
+                if status != IDLE:
+                    raise ProgrammingError(
+                        f"connection left in status {status.name} by configure function"
+                        f" {configure}: discarded"
+                    )
+        except BaseException:
+            conn._pool = None
+            await close(conn)
+            raise
+        return conn
+
+
+async def clean(pool: AsyncConnectionPool[Any], conn: Any, status: int) -> bool:
+    """Make a returned connection reusable; False if it must be thrown away.
+
+    Rolls back an open transaction, closes one still running a query, then runs
+    the `reset` callback (upstream runs it even on a connection just closed here,
+    so that a user's reset sees every return; we do the same).
+    """
+    if status == UNKNOWN:
+        return False
+    if status == ACTIVE:
+        logger.warning("closing returned connection: %s", conn)
+        await close(conn)
+    elif status != IDLE:
+        logger.warning("rolling back returned connection: %s", conn)
+        try:
+            await conn.rollback()
+        except Exception as ex:
+            logger.warning(
+                "rollback failed: %s: %s. Discarding connection %s", type(ex).__name__, ex, conn
+            )
+            await close(conn)
+    reset = pool._reset
+    if reset is not None:
+        try:
+            await reset(conn)
+            status = conn.pgconn.transaction_status
+            if status != IDLE:
+                raise ProgrammingError(
+                    f"connection left in status {TransactionStatus(status).name} by reset"
+                    f" function {reset}: discarded"
+                )
+        except Exception as ex:
+            logger.warning("error resetting connection: %s", ex)
+            await close(conn)
+    return bool(conn.pgconn.transaction_status == IDLE)
+
+
+async def check_connection(conn: AsyncConnection[Any]) -> None:
+    """Raise if the connection cannot run a query; leave it as it was found."""
+    if conn.autocommit:
+        await conn.execute("")
+        return
+    await conn.set_autocommit(True)
+    try:
+        await conn.execute("")
+    finally:
+        try:
+            await conn.set_autocommit(False)
+        except Exception:
+            pass  # the connection is broken: the caller already knows from execute()
+
+
+async def close(conn: Any) -> None:
+    """Close for real; `_pool` is cleared first so `close_returns` cannot loop back."""
+    conn._pool = None
+    try:
+        await conn.close()
+    except Exception as ex:
+        logger.debug("error closing connection %s: %s", conn, ex)

@@ -1,0 +1,1 @@
+"""The I/O-free pool core. See state.py."""

@@ -1,0 +1,98 @@
+"""When to try connecting again after a failure.
+
+The schedule is pool-wide, not per connection slot: an outage is one streak of
+failures however many connections are missing, so the server is probed by a
+single attempt at a time and the user's `reconnect_failed` callback fires once
+per outage.
+"""
+
+from __future__ import annotations
+
+import random
+
+# Public knobs, named like upstream's so that code (and tests) tuning them keep working.
+INITIAL_DELAY = 1.0
+DELAY_JITTER = 0.1
+DELAY_BACKOFF = 2.0
+# Once `reconnect_timeout` has passed the pool keeps probing, but never less often than this.
+MAX_DELAY = 10.0
+
+
+class Backoff:
+    """A streak of failed connection attempts and the delay before the next one."""
+
+    __slots__ = (
+        "delay",
+        "gave_up",
+        "give_up_at",
+        "initial_delay",
+        "jitter",
+        "max_delay",
+        "multiplier",
+        "retry_at",
+        "rng",
+        "started_at",
+    )
+
+    def __init__(
+        self,
+        rng: random.Random,
+        *,
+        initial_delay: float = INITIAL_DELAY,
+        jitter: float = DELAY_JITTER,
+        multiplier: float = DELAY_BACKOFF,
+        max_delay: float = MAX_DELAY,
+    ) -> None:
+        self.rng = rng
+        self.initial_delay = initial_delay
+        self.jitter = jitter
+        self.multiplier = multiplier
+        self.max_delay = max_delay
+        self.started_at: float | None = None  # None: not failing
+        self.give_up_at = 0.0
+        self.retry_at = 0.0
+        self.delay = 0.0
+        self.gave_up = False
+
+    @property
+    def failing(self) -> bool:
+        return self.started_at is not None
+
+    def failed(self, attempt_started: float, now: float, reconnect_timeout: float) -> bool:
+        """Record a failed attempt; return True if this is the moment to give up.
+
+        Giving up is reported once per streak: after it the schedule goes on with
+        the delay capped at `max_delay` instead of clipped to the give-up time.
+        """
+        if self.started_at is None:
+            self.started_at = attempt_started
+            self.give_up_at = attempt_started + reconnect_timeout
+            self.delay = self.initial_delay * (
+                1.0 + self.jitter * (2.0 * self.rng.random() - 1.0)
+            )
+        else:
+            self.delay *= self.multiplier
+
+        give_up_now = False
+        if not self.gave_up and attempt_started >= self.give_up_at:
+            self.gave_up = give_up_now = True
+
+        delay = self.delay
+        if self.gave_up:
+            delay = min(delay, self.max_delay)
+            self.delay = delay
+        elif now + delay > self.give_up_at:
+            # The last retry of the streak happens right at the give-up time.
+            delay = max(0.0, self.give_up_at - now)
+        self.retry_at = now + delay
+        return give_up_now
+
+    def succeeded(self) -> None:
+        self.started_at = None
+        self.gave_up = False
+        self.delay = 0.0
+        self.retry_at = 0.0
+
+    def restart_delay(self, now: float) -> None:
+        """Fresh demand after giving up: allow an immediate attempt."""
+        self.retry_at = now

@@ -1,0 +1,669 @@
+"""The pool core: who gets which connection, and when to open, close or check one.
+
+This module is pure bookkeeping. It does no I/O, reads no clock, starts no thread
+and never imports psycopg: the shells (`pool_async.py`, and `pool.py` generated
+from it) feed it facts with the current time and carry out the commands it leaves
+in `PoolCore.out`. A test checks that nothing here imports more than the stdlib
+modules listed in `tests/core/test_purity.py`.
+
+Vocabulary
+----------
+*Slot*: one pooled connection, from the moment the core decides to open it until
+the core hands it to the shell for closing. A slot is in exactly one state:
+
+    CONNECTING  an attempt to open it is under way (in the background, or inline
+                by a null-pool caller)
+    IDLE        ready, in the idle deque (FIFO: taken from the left)
+    GRANTED     given to a waiting ticket, which has not picked it up yet
+    IN_USE      held by a client
+    CHECKING    out of circulation for I/O done on the pool's behalf: rollback or
+                `reset` after a return, health check by `check()`
+    CLOSED      forgotten by the core; a `Close` command was issued (or the
+                attempt failed)
+
+*Ticket*: one client's request that could not be served at once, or one
+`wait()` call. It ends exactly once: accepted, failed or withdrawn.
+
+Invariants (tests/core/test_state_machine.py checks them after every step)
+------------------------------------------------------------------------------
+I1 conservation: `live` holds exactly the slots not CLOSED; every live slot is
+   counted in exactly one of idle / n_connecting / n_inline / n_busy (GRANTED and
+   IN_USE) / n_checking, and the sum equals `len(live)`.
+I2 bounds: `len(live) <= max_size` (`max_size == 0` means unlimited, null pools).
+I3 no idle connection while a client waits: `idle` and `waiting` are never both
+   non-empty after an input returns.
+I4 first come, first served: tickets are granted in the order they were queued.
+I5 every ticket ends exactly once; a withdrawn ticket's grant is passed on.
+I6 the pool never hands out a connection past its lifetime, and never shrinks
+   below `min_size` because of idleness.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from itertools import count
+from typing import Any
+
+from .backoff import Backoff
+from .commands import Close, Command, Connect, Log, Rearm, ReconnectFailed, Wake
+
+INF = float("inf")
+
+# Slot states
+CONNECTING = 0
+IDLE = 1
+GRANTED = 2
+IN_USE = 3
+CHECKING = 4
+CLOSED = 5
+STATE_NAMES = ("connecting", "idle", "granted", "in use", "checking", "closed")
+
+# Ticket states
+T_NEW = 0
+T_WAITING = 1
+T_GRANTED = 2
+T_DONE = 3
+T_FAILED = 4
+T_WITHDRAWN = 5
+
+# Pool status
+NEW = 0
+OPEN = 1
+CLOSING = 2  # unused by the core; kept for the shells' repr symmetry
+SHUT = 3
+
+# Outcomes of `request()`
+GOT = 0  # a connection was taken: it is in `ticket.slot`
+QUEUED = 1  # the ticket waits in the queue
+INLINE = 2  # null pool: the caller must connect itself for `ticket.slot`
+NO_WAIT = 3  # nothing available and the caller does not want to wait
+TOO_MANY = 4  # the queue is full (`max_waiting`)
+NOT_OPEN = 5  # the pool was never opened
+IS_CLOSED = 6  # the pool was closed
+
+# Failure kinds written in `Ticket.error`
+F_CLOSED = "closed"
+
+# How often a pool that is failing to connect probes the server while clients are
+# waiting: a refused connection costs next to nothing, and a waiting client should
+# be served soon after the server is back rather than after a long backoff step.
+DEMAND_PROBE_INTERVAL = 0.2
+
+# Lifetime jitter: each connection lives between 95% and 100% of max_lifetime, so
+# connections opened together do not all expire together.
+LIFETIME_JITTER = 0.05
+
+_slot_ids = count(1)
+
+
+class Slot:
+    __slots__ = (
+        "conn",
+        "created_at",
+        "expire_at",
+        "generation",
+        "id",
+        "inline",
+        "probe",
+        "started_at",
+        "state",
+        "ticket",
+    )
+
+    def __init__(self, started_at: float) -> None:
+        self.id = next(_slot_ids)
+        self.state = CONNECTING
+        self.conn: Any = None
+        self.generation = -1
+        self.started_at = started_at
+        self.created_at = 0.0
+        self.expire_at = INF
+        self.ticket: Ticket | None = None
+        self.inline = False
+        self.probe = False
+
+    def __repr__(self) -> str:
+        return f"<Slot {self.id} {STATE_NAMES[self.state]}>"
+
+
+class Failure:
+    """Why a ticket failed; `cause` is opaque to the core (the shell's exception)."""
+
+    __slots__ = ("cause", "kind")
+
+    def __init__(self, kind: str, cause: object = None) -> None:
+        self.kind = kind
+        self.cause = cause
+
+    def __repr__(self) -> str:
+        return f"Failure({self.kind!r})"
+
+
+class Ticket:
+    """A waiting client. The shells subclass it to add their wake-up primitive."""
+
+    __slots__ = ("error", "slot", "tstate")
+
+    def __init__(self) -> None:
+        self.slot: Slot | None = None
+        self.error: Failure | None = None
+        self.tstate = T_NEW
+
+    def wake(self) -> None:
+        """Overridden by the shells; the core never calls it."""
+
+
+class PoolCore:
+    """Pool policy as a state machine: inputs are facts, outputs are commands."""
+
+    def __init__(
+        self,
+        *,
+        min_size: int,
+        max_size: int,
+        num_workers: int = 3,
+        max_waiting: int = 0,
+        max_lifetime: float = 3600.0,
+        max_idle: float = 600.0,
+        reconnect_timeout: float = 300.0,
+        null: bool = False,
+        name: str = "",
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.min_size = min_size
+        self.max_size = max_size  # 0: unlimited (null pools only)
+        self.num_workers = num_workers
+        self.max_waiting = max_waiting
+        self.max_lifetime = max_lifetime
+        self.max_idle = max_idle
+        self.reconnect_timeout = reconnect_timeout
+        self.null = null
+        self.rng = rng if rng is not None else random.Random()
+
+        self.status = NEW
+        self.generation = 0
+        self.idle: deque[Slot] = deque()
+        # An insertion-ordered dict is a FIFO queue that also removes from the middle
+        # in O(1): a withdrawn ticket leaves the queue at once.
+        self.waiting: dict[Ticket, None] = {}
+        self.ready_waiters: list[Ticket] = []
+        self.live: set[Slot] = set()
+        self.n_connecting = 0  # background attempts
+        self.n_inline = 0  # null-pool attempts made by the caller
+        self.n_busy = 0  # GRANTED + IN_USE
+        self.n_checking = 0
+        self.want_probe = False  # null pool: a wait() asked for one connection attempt
+        self.backoff = Backoff(self.rng)
+        self.last_failure_at = -INF
+        self.last_error: object = None
+        self.shrink_at = INF
+        self.min_idle_seen = 0
+        self.sleep_until = INF  # the deadline last given to the housekeeper
+        self.out: list[Command] = []
+
+        # Counters, with upstream's names. `touched` remembers the ones bumped by 0,
+        # which upstream reports as present.
+        self.requests_num = 0
+        self.requests_queued = 0
+        self.requests_wait_ms = 0
+        self.requests_errors = 0
+        self.usage_ms = 0
+        self.returns_bad = 0
+        self.connections_num = 0
+        self.connections_ms = 0
+        self.connections_errors = 0
+        self.connections_lost = 0
+        self.touched: set[str] = set()
+
+    # ------------------------------------------------------------------
+    # Client side
+
+    def take(self, now: float) -> Slot | None:
+        """The hot path: an idle connection for a new request, or None."""
+        self.requests_num += 1
+        idle = self.idle
+        while idle:
+            slot = idle.popleft()
+            if slot.expire_at > now:
+                slot.state = IN_USE
+                self.n_busy += 1
+                if len(idle) < self.min_idle_seen:
+                    self.min_idle_seen = len(idle)
+                return slot
+            self._close(slot)
+            self._log_info("discarding expired connection %s", slot.id)
+            self._fill(now)
+        return None
+
+    def request(self, ticket: Ticket, now: float, can_wait: bool) -> int:
+        """A request `take()` could not serve: take, connect inline, or queue."""
+        if self.status != OPEN:
+            return NOT_OPEN if self.status == NEW else IS_CLOSED
+        idle = self.idle
+        while idle:
+            slot = idle.popleft()
+            if slot.expire_at > now:
+                slot.state = IN_USE
+                self.n_busy += 1
+                self.min_idle_seen = min(self.min_idle_seen, len(idle))
+                ticket.slot = slot
+                ticket.tstate = T_DONE
+                return GOT
+            self._close(slot)
+            self._log_info("discarding expired connection %s", slot.id)
+        if self.null and (not self.max_size or len(self.live) < self.max_size):
+            if not can_wait:
+                return NO_WAIT
+            slot = self._new_slot(now)
+            slot.inline = True
+            self.n_inline += 1
+            ticket.slot = slot
+            ticket.tstate = T_DONE
+            return INLINE
+        if not can_wait:
+            self._fill(now)
+            return NO_WAIT
+        if self.max_waiting and len(self.waiting) >= self.max_waiting:
+            self.requests_errors += 1
+            return TOO_MANY
+        self.waiting[ticket] = None
+        ticket.tstate = T_WAITING
+        self.requests_queued += 1
+        b = self.backoff
+        if b.started_at is not None and not self.n_connecting:
+            # Demand while failing: probe soon rather than after the long step.
+            retry = max(self.last_failure_at + DEMAND_PROBE_INTERVAL, now)
+            if retry < b.retry_at:
+                b.retry_at = retry
+                if retry < self.sleep_until:
+                    self.out.append(Rearm())
+        self._fill(now)
+        return QUEUED
+
+    def accept(self, ticket: Ticket, wait_ms: int) -> Slot | None:
+        """A woken ticket picks up its grant; None if it failed instead."""
+        self.requests_wait_ms += wait_ms
+        self.touched.add("requests_wait_ms")
+        if ticket.tstate == T_GRANTED:
+            slot = ticket.slot
+            assert slot is not None
+            slot.state = IN_USE
+            slot.ticket = None
+            ticket.tstate = T_DONE
+            return slot
+        self.requests_errors += 1
+        return None
+
+    def withdraw(self, ticket: Ticket, now: float, wait_ms: int) -> None:
+        """The waiting client gave up (timeout, cancellation, interrupt)."""
+        self.requests_wait_ms += wait_ms
+        self.touched.add("requests_wait_ms")
+        self.requests_errors += 1
+        st = ticket.tstate
+        if st == T_WAITING:
+            del self.waiting[ticket]
+        elif st == T_GRANTED:
+            # Granted at the same moment the client gave up: pass it on.
+            slot = ticket.slot
+            assert slot is not None
+            ticket.slot = None
+            slot.ticket = None
+            self.n_busy -= 1
+            t = self._place(slot)
+            if t is not None:
+                self.out.append(Wake(t))
+        elif st == T_DONE:
+            raise AssertionError("withdraw() of an accepted ticket: release the slot instead")
+        ticket.tstate = T_WITHDRAWN
+
+    def release(self, slot: Slot, now: float) -> Ticket | None:
+        """A connection comes back healthy (from a client or from a check/reset).
+
+        Returns the ticket to wake if the connection went straight to a waiter.
+        """
+        if slot.state == IN_USE:
+            self.n_busy -= 1
+        else:
+            self.n_checking -= 1
+        if slot.generation != self.generation or self.status != OPEN:
+            self._close(slot)
+            self._fill(now)
+            return None
+        if slot.expire_at <= now:
+            self._close(slot)
+            self._log_info("discarding expired connection %s", slot.id)
+            self._fill(now)
+            return None
+        return self._place(slot)
+
+    def begin_io(self, slot: Slot) -> None:
+        """A returned connection needs rollback/reset before it can be reused."""
+        slot.state = CHECKING
+        self.n_busy -= 1
+        self.n_checking += 1
+
+    def discard(self, slot: Slot, now: float, counter: str | None) -> None:
+        """A connection held by a client or under I/O is broken: close and replace it."""
+        if slot.state == CHECKING:
+            self.n_checking -= 1
+        else:
+            self.n_busy -= 1
+        if counter == "returns_bad":
+            self.returns_bad += 1
+        elif counter == "connections_lost":
+            self.connections_lost += 1
+        self._close(slot)
+        self._fill(now)
+
+    def add_usage(self, ms: int) -> None:
+        self.usage_ms += ms
+        self.touched.add("usage_ms")
+
+    # ------------------------------------------------------------------
+    # Connection attempts
+
+    def connected(self, slot: Slot, conn: Any, now: float, ms: int) -> Ticket | None:
+        """An attempt (background or inline) succeeded."""
+        if slot.inline:
+            self.n_inline -= 1
+        else:
+            self.n_connecting -= 1
+        self.connections_ms += ms
+        self.touched.add("connections_ms")
+        slot.conn = conn
+        slot.created_at = now
+        slot.expire_at = now + self.max_lifetime * (1.0 - LIFETIME_JITTER * self.rng.random())
+        slot.generation = self.generation
+        if self.backoff.started_at is not None and not slot.inline:
+            self.backoff.succeeded()
+        if self.status != OPEN:
+            self._close(slot)
+            return None
+        if slot.inline:
+            slot.state = IN_USE
+            self.n_busy += 1
+            return None
+        if slot.probe:
+            self._close(slot)
+            self._wake_ready()
+            return None
+        if slot.expire_at < self.sleep_until:
+            self.out.append(Rearm())
+        t = self._place(slot)
+        self._fill(now)
+        return t
+
+    def connect_failed(self, slot: Slot, now: float, counted: bool, cause: object) -> None:
+        """An attempt failed; `counted` says whether `connect()` itself failed."""
+        if slot.inline:
+            self.n_inline -= 1
+        else:
+            self.n_connecting -= 1
+        if counted:
+            self.connections_errors += 1
+        self.live.discard(slot)
+        slot.state = CLOSED
+        if slot.probe:
+            self.want_probe = True
+        if slot.inline or self.status != OPEN:
+            return
+        self.last_failure_at = now
+        self.last_error = cause
+        if self.backoff.failed(slot.started_at, now, self.reconnect_timeout):
+            self.out.append(
+                Log(
+                    30,
+                    "reconnection attempt in pool %r failed after %s sec",
+                    self.name,
+                    self.reconnect_timeout,
+                )
+            )
+            self.out.append(ReconnectFailed())
+        self._fill(now)
+        self.out.append(Rearm())
+
+    # ------------------------------------------------------------------
+    # Pool-wide operations
+
+    def open(self, now: float) -> bool:
+        """Start (or restart after close) the pool. False if it was already open."""
+        if self.status == OPEN:
+            return False
+        self.status = OPEN
+        self.backoff.succeeded()
+        if not self.null:
+            self.shrink_at = now + self.max_idle
+            self.min_idle_seen = 0
+        self._fill(now)
+        self.out.append(Rearm())
+        return True
+
+    def close(self, now: float) -> bool:
+        """Stop serving. False if there was nothing to close."""
+        if self.status != OPEN:
+            return False
+        self.status = SHUT
+        self.generation += 1
+        closed = Failure(F_CLOSED)
+        for t in self.waiting:
+            t.tstate = T_FAILED
+            t.error = closed
+            self.out.append(Wake(t))
+        self.waiting.clear()
+        for t in self.ready_waiters:
+            t.tstate = T_FAILED
+            t.error = closed
+            self.out.append(Wake(t))
+        self.ready_waiters.clear()
+        for slot in [s for s in self.live if s.state == GRANTED]:
+            # Woken but not picked up: the client will find its ticket failed.
+            granted = slot.ticket
+            assert granted is not None
+            granted.slot = None
+            granted.tstate = T_FAILED
+            granted.error = closed
+            slot.ticket = None
+            self.n_busy -= 1
+            self._close(slot)
+        while self.idle:
+            self._close(self.idle.popleft())
+        self.shrink_at = INF
+        self.want_probe = False
+        self.backoff.succeeded()
+        return True
+
+    def drain(self, now: float) -> None:
+        """Replace every connection: idle ones now, the others when they come back."""
+        self.generation += 1
+        while self.idle:
+            self._close(self.idle.popleft())
+        self._fill(now)
+
+    def resize(self, min_size: int, max_size: int, now: float) -> None:
+        self.min_size = min_size
+        self.max_size = max_size
+        self._fill(now)
+
+    def wait_ready(self, ticket: Ticket, now: float) -> bool:
+        """`wait()`: True if the pool is ready now; else the ticket is woken later."""
+        if self.null:
+            self.want_probe = True
+            self.ready_waiters.append(ticket)
+            ticket.tstate = T_WAITING
+            self._fill(now)
+            return False
+        if len(self.idle) >= self.min_size:
+            ticket.tstate = T_DONE
+            return True
+        self.ready_waiters.append(ticket)
+        ticket.tstate = T_WAITING
+        return False
+
+    def withdraw_ready(self, ticket: Ticket) -> None:
+        if ticket in self.ready_waiters:
+            self.ready_waiters.remove(ticket)
+        ticket.tstate = T_WITHDRAWN
+
+    def begin_check(self, now: float) -> list[Slot]:
+        """`check()`: take every idle connection out to be checked by the caller."""
+        slots = []
+        idle = self.idle
+        while idle:
+            slot = idle.popleft()
+            if slot.expire_at <= now:
+                self._close(slot)
+                self._log_info("discarding expired connection %s", slot.id)
+                continue
+            slot.state = CHECKING
+            self.n_checking += 1
+            slots.append(slot)
+        self._fill(now)
+        return slots
+
+    def tick(self, now: float) -> None:
+        """Housekeeping: expiry, shrinking, retries. Call at `next_deadline()`."""
+        if self.status != OPEN:
+            return
+        idle = self.idle
+        if idle and any(s.expire_at <= now for s in idle):
+            keep = []
+            for s in idle:
+                if s.expire_at <= now:
+                    self._close(s)
+                    self._log_info("discarding expired connection %s", s.id)
+                else:
+                    keep.append(s)
+            idle.clear()
+            idle.extend(keep)
+        if now >= self.shrink_at:
+            self.shrink_at = now + self.max_idle
+            seen = self.min_idle_seen
+            self.min_idle_seen = len(idle)
+            if len(self.live) > self.min_size and seen > 0 and idle:
+                slot = idle.popleft()
+                self._log_info(
+                    "shrinking pool %r to %s because %s unused connections in the last %s sec",
+                    self.name,
+                    len(self.live) - 1,
+                    seen,
+                    self.max_idle,
+                )
+                self._close(slot)
+        self._fill(now)
+
+    def next_deadline(self) -> float:
+        """When `tick()` has work to do next (INF: only when told of new facts)."""
+        if self.status != OPEN:
+            self.sleep_until = INF
+            return INF
+        d = self.shrink_at
+        for s in self.idle:
+            if s.expire_at < d:
+                d = s.expire_at
+        b = self.backoff
+        if b.started_at is not None and not self.n_connecting and self._need() > 0:
+            d = min(d, b.retry_at)
+        self.sleep_until = d
+        return d
+
+    # ------------------------------------------------------------------
+    # Internals
+
+    def _new_slot(self, now: float) -> Slot:
+        slot = Slot(now)
+        self.live.add(slot)
+        self.connections_num += 1
+        return slot
+
+    def _close(self, slot: Slot) -> None:
+        slot.state = CLOSED
+        self.live.discard(slot)
+        self.out.append(Close(slot))
+
+    def _place(self, slot: Slot) -> Ticket | None:
+        """Hand a healthy connection to the oldest waiter, or make it idle."""
+        waiting = self.waiting
+        if waiting:
+            t = next(iter(waiting))
+            del waiting[t]
+            slot.state = GRANTED
+            slot.ticket = t
+            self.n_busy += 1
+            t.slot = slot
+            t.tstate = T_GRANTED
+            return t
+        if self.null:
+            self._close(slot)
+            return None
+        slot.state = IDLE
+        idle = self.idle
+        idle.append(slot)
+        if slot.expire_at < self.sleep_until:
+            self.out.append(Rearm())
+        if self.ready_waiters and len(idle) >= self.min_size:
+            self._wake_ready()
+        return None
+
+    def _wake_ready(self) -> None:
+        for t in self.ready_waiters:
+            t.tstate = T_DONE
+            self.out.append(Wake(t))
+        self.ready_waiters.clear()
+
+    def _need(self) -> int:
+        """How many more connection attempts the current demand calls for."""
+        n_live = len(self.live)
+        need = max(
+            self.min_size - n_live if not self.null else 0,
+            len(self.waiting) - self.n_connecting,
+            1 if self.want_probe and not self.n_connecting else 0,
+        )
+        if self.max_size:
+            need = min(need, self.max_size - n_live)
+        return need
+
+    def _fill(self, now: float) -> None:
+        """Start the connection attempts the demand calls for, within the limits."""
+        if self.status != OPEN:
+            return
+        need = self._need()
+        if need <= 0:
+            return
+        par = self.num_workers - self.n_connecting
+        b = self.backoff
+        if b.started_at is not None:
+            # While failing, one attempt at a time, and only when the schedule says.
+            if self.n_connecting or now < b.retry_at:
+                return
+            par = 1
+        n = min(need, par)
+        if n <= 0:
+            return
+        if self.waiting:
+            self._log_info("growing pool %r to %s", self.name, len(self.live) + n)
+        probe = self.want_probe
+        for _ in range(n):
+            slot = self._new_slot(now)
+            self.n_connecting += 1
+            if probe:
+                slot.probe = True
+                self.want_probe = probe = False
+            self.out.append(Connect(slot))
+
+    def _log_info(self, msg: str, *args: Any) -> None:
+        self.out.append(Log(20, msg, *args))
+
+    # ------------------------------------------------------------------
+    # Read-only views
+
+    def pool_size(self) -> int:
+        return len(self.live) if self.status != NEW else self.min_size
+
+    def counts(self) -> dict[int, int]:
+        """Live slots by state (for tests and diagnostics; O(n))."""
+        res = dict.fromkeys(range(CLOSED), 0)
+        for s in self.live:
+            res[s.state] += 1
+        return res

@@ -1,0 +1,720 @@
+"""AsyncConnectionPool: the shell that runs the pool core and does its I/O.
+
+The threaded twin is generated from this file by `tools/unasync.py`: keep to the
+names it knows how to translate (see its table), and put anything that must
+really differ between threads and asyncio in `_acompat.py`.
+
+The shell's rules: the core is only ever called under `self._lock` (a plain lock
+costs nothing uncontended, and makes the threaded twin correct); no `await` under
+it; every command the core leaves in its outbox is executed after the lock is
+released; all I/O goes through `_connector_async`.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
+from threading import Lock
+from time import monotonic
+from types import TracebackType
+from typing import Any, Generic, cast
+
+from psycopg import AsyncConnection
+from psycopg.errors import ConnectionTimeout
+from psycopg.pq import TransactionStatus
+from typing_extensions import Self, TypeVar
+
+from . import _config
+from . import _connector_async as connector
+from ._acompat import AsyncBackground, AsyncPoolMixin, AsyncWaiter, AsyncWakeup, aresolve, asleep
+from ._core import state as core_state
+from ._core.backoff import DELAY_BACKOFF, DELAY_JITTER, INITIAL_DELAY
+from ._core.commands import Close, Command, Connect, Log, Rearm, ReconnectFailed, Wake
+from ._core.state import INF, PoolCore, Slot
+from ._core.stats import snapshot
+from .errors import PoolClosed, PoolTimeout, TooManyRequests
+
+logger = logging.getLogger("psycopg.pool")
+_INFO = logging.INFO
+
+ACT = TypeVar("ACT", bound=AsyncConnection[Any], default=AsyncConnection[Any])
+
+_IDLE = TransactionStatus.IDLE
+_UNKNOWN = TransactionStatus.UNKNOWN
+
+
+class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
+    """A pool of `AsyncConnection` objects, lent to one caller at a time."""
+
+    _null = False
+
+    def __init__(
+        self,
+        conninfo: str | Callable[[], Any] = "",
+        *,
+        connection_class: type[ACT] = cast(type[ACT], AsyncConnection),
+        kwargs: dict[str, Any] | Callable[[], Any] | None = None,
+        min_size: int = 4,
+        max_size: int | None = None,
+        open: bool | None = None,
+        configure: Callable[[ACT], Awaitable[None]] | None = None,
+        check: Callable[[ACT], Awaitable[None]] | None = None,
+        reset: Callable[[ACT], Awaitable[None]] | None = None,
+        name: str | None = None,
+        close_returns: bool = False,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        max_lifetime: float = 60 * 60.0,
+        max_idle: float = 10 * 60.0,
+        reconnect_timeout: float = 5 * 60.0,
+        reconnect_failed: Callable[[Self], Any] | None = None,
+        num_workers: int = 3,
+    ) -> None:
+        _config.check_connection_class(connection_class, AsyncConnection)
+        _config.check_conninfo(conninfo)
+        _config.check_kwargs(kwargs)
+        min_size, max_size = _config.check_sizes(min_size, max_size, null=self._null)
+        self.name = _config.pool_name(name)
+        num_workers = _config.check_num_workers(num_workers)
+        for param, cb in (
+            ("configure", configure),
+            ("check", check),
+            ("reset", reset),
+            ("reconnect_failed", reconnect_failed),
+        ):
+            _config.check_callable(param, cb)
+
+        self.conninfo = conninfo
+        self.kwargs = kwargs
+        self.connection_class = connection_class
+        # Null pools close every connection handed back to them, so `conn.close()`
+        # must really close: the option is accepted and ignored there.
+        self.close_returns = bool(close_returns) and not self._null
+        self._configure = configure
+        self._check = check
+        self._reset = reset
+        self._reconnect_failed: Callable[[Any], Any] | None = reconnect_failed
+
+        self._core = PoolCore(
+            min_size=min_size,
+            max_size=max_size,
+            num_workers=num_workers,
+            max_waiting=_config.check_int("max_waiting", max_waiting),
+            max_lifetime=_config.check_seconds("max_lifetime", max_lifetime, positive=True),
+            max_idle=_config.check_seconds("max_idle", max_idle, positive=True),
+            reconnect_timeout=_config.check_seconds("reconnect_timeout", reconnect_timeout),
+            null=self._null,
+            name=self.name,
+        )
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be 0 (unlimited) or more, got {max_waiting}")
+        self.timeout = _config.check_seconds("timeout", timeout)
+        self._lock = Lock()
+        self._bg: AsyncBackground | None = None
+        self._wakeup = AsyncWakeup()
+        self._stopping = False
+        self._open_implicit = False
+
+        if open is None:
+            self._open_implicit = True
+            self._open_now()
+        elif open:
+            self._ctor_open_warning(open)
+            self._open_now()
+
+    def __repr__(self) -> str:
+        cls = type(self)
+        return f"<{cls.__module__}.{cls.__qualname__} {self.name!r} at 0x{id(self):x}>"
+
+    # ------------------------------------------------------------------
+    # Settings that live in the core
+
+    @property
+    def min_size(self) -> int:
+        return self._core.min_size
+
+    @property
+    def max_size(self) -> int:
+        return self._core.max_size
+
+    @property
+    def closed(self) -> bool:
+        return self._core.status != core_state.OPEN
+
+    @property
+    def max_waiting(self) -> int:
+        return self._core.max_waiting
+
+    @max_waiting.setter
+    def max_waiting(self, value: int) -> None:
+        self._core.max_waiting = value
+
+    @property
+    def max_lifetime(self) -> float:
+        return self._core.max_lifetime
+
+    @max_lifetime.setter
+    def max_lifetime(self, value: float) -> None:
+        self._core.max_lifetime = value
+
+    @property
+    def max_idle(self) -> float:
+        return self._core.max_idle
+
+    @max_idle.setter
+    def max_idle(self, value: float) -> None:
+        self._core.max_idle = value
+
+    @property
+    def reconnect_timeout(self) -> float:
+        return self._core.reconnect_timeout
+
+    @reconnect_timeout.setter
+    def reconnect_timeout(self, value: float) -> None:
+        self._core.reconnect_timeout = value
+
+    @property
+    def num_workers(self) -> int:
+        return self._core.num_workers
+
+    @num_workers.setter
+    def num_workers(self, value: int) -> None:
+        self._core.num_workers = value
+
+    # ------------------------------------------------------------------
+    # Opening and closing
+
+    async def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        """Start the pool (again, if it was closed); with `wait`, until it is filled."""
+        if self._core.status != core_state.OPEN:
+            self._open_now()
+        if wait:
+            await self.wait(timeout)
+
+    def _open_now(self) -> None:
+        with self._lock:
+            core = self._core
+            if core.status == core_state.OPEN:
+                return
+            bg = AsyncBackground(self.name, core.num_workers)
+            bg.start(type(self).__name__)
+            self._bg = bg
+            self._stopping = False
+            self._wakeup = wakeup = AsyncWakeup()
+            core.open(monotonic())
+            cmds = self._swap_out()
+        bg.daemon(f"{self.name}-scheduler", _housekeeper, weakref.ref(self), wakeup)
+        # Wake the housekeeper when the pool goes away, so that it notices and ends.
+        weakref.finalize(self, wakeup.set)
+        self._execute(cmds)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop the pool: waiting clients get PoolClosed, idle connections are closed.
+
+        Connections in use are closed when they are returned.
+        """
+        with self._lock:
+            if not self._core.close(monotonic()):
+                return
+            cmds = self._swap_out()
+        self._execute(cmds)
+        await self._stop_background(timeout)
+
+    async def _stop_background(self, timeout: float) -> None:
+        bg, self._bg = self._bg, None
+        self._stopping = True
+        self._wakeup.set()
+        if bg is None:
+            return
+        for name in await bg.stop(timeout):
+            logger.warning(
+                "couldn't stop %r within %s sec: background work still running", name, timeout
+            )
+
+    async def __aenter__(self) -> Self:
+        self._open_implicit = False
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def wait(self, timeout: float = 30.0) -> None:
+        """Wait until the pool holds `min_size` idle connections.
+
+        If that does not happen within `timeout`, close the pool and raise PoolTimeout.
+        """
+        if self._open_implicit:
+            self._warn_implicit()
+        self._check_open()
+        ticket = AsyncWaiter()
+        with self._lock:
+            ready = self._core.wait_ready(ticket, monotonic())
+            cmds = self._swap_out()
+        self._execute(cmds)
+        if ready:
+            return
+        try:
+            woken = await ticket.wait(timeout)
+        finally:
+            with self._lock:
+                self._core.withdraw_ready(ticket)
+        if ticket.error is not None:
+            raise PoolClosed(f"the pool {self.name!r} is closed")
+        if not woken:
+            await self.close()
+            raise PoolTimeout(f"pool initialization incomplete after {timeout} sec")
+
+    def _check_open(self) -> None:
+        status = self._core.status
+        if status == core_state.NEW:
+            raise PoolClosed(f"the pool {self.name!r} is not open yet")
+        if status != core_state.OPEN:
+            raise PoolClosed(f"the pool {self.name!r} is already closed")
+
+    # ------------------------------------------------------------------
+    # Lending connections
+
+    def connection(self, timeout: float | None = None) -> _AsyncConnectionContext[ACT]:
+        """`async with pool.connection() as conn:` borrow a connection for the block.
+
+        The transaction is committed (or rolled back on error) at the end of the
+        block, then the connection goes back to the pool.
+        """
+        return _AsyncConnectionContext(self, timeout)
+
+    async def getconn(self, timeout: float | None = None) -> ACT:
+        """Take a connection from the pool; give it back with `putconn()`."""
+        if self._open_implicit:
+            self._warn_implicit()
+        now = monotonic()
+        core = self._core
+        with self._lock:
+            slot = core.take(now)
+            cmds = core.out
+            if cmds:
+                core.out = []
+        if cmds:
+            self._execute(cmds)
+        if slot is None or self._check is not None:
+            return await self._getconn_slow(slot, now, timeout)
+        conn: ACT = slot.conn
+        conn._pool = self
+        if logger.isEnabledFor(_INFO):
+            logger.info("connection given by %r", self.name)
+        return conn
+
+    async def _getconn_slow(self, slot: Slot | None, t0: float, timeout: float | None) -> ACT:
+        if timeout is None:
+            timeout = self.timeout
+        logger.info("connection requested from %r", self.name)
+        deadline = t0 + timeout
+        failures = 0
+        while True:
+            if slot is None:
+                slot = await self._wait_slot(t0, deadline, timeout)
+            conn: ACT = slot.conn
+            conn._pool = self
+            check = self._check
+            if check is None:
+                logger.info("connection given by %r", self.name)
+                return conn
+            try:
+                await check(conn)
+            except Exception as ex:
+                logger.info("connection failed check: %s", ex)
+                healthy = self._give_back(slot, conn, "connections_lost")
+            except BaseException:
+                self._give_back(slot, conn, "connections_lost")
+                raise
+            else:
+                logger.info("connection given by %r", self.name)
+                return conn
+            slot = None
+            failures += 1
+            # A dead connection is replaced and the next one tried at once; only a check
+            # that fails on healthy connections (a broken callback) backs off.
+            if healthy and failures > 1:
+                remaining = deadline - monotonic()
+                delay = INITIAL_DELAY * DELAY_BACKOFF ** (failures - 2)
+                delay *= 1.0 + DELAY_JITTER * (2.0 * self._core.rng.random() - 1.0)
+                if delay >= remaining:
+                    raise PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
+                await asleep(delay)
+
+    async def _wait_slot(self, t0: float, deadline: float, timeout: float) -> Slot:
+        """The slow path of getconn: queue, or connect inline (null pools)."""
+        core = self._core
+        ticket = AsyncWaiter()
+        with self._lock:
+            res = core.request(ticket, monotonic(), deadline > t0)
+            cmds = self._swap_out()
+        self._execute(cmds)
+        if res == core_state.GOT:
+            assert ticket.slot is not None
+            return ticket.slot
+        if res == core_state.QUEUED:
+            return await self._wait_queued(ticket, t0, deadline, timeout)
+        if res == core_state.INLINE:
+            return await self._connect_inline(ticket, deadline)
+        if res == core_state.TOO_MANY:
+            raise TooManyRequests(
+                f"the pool {self.name!r} has already {len(core.waiting)} requests waiting"
+            )
+        if res == core_state.NO_WAIT:
+            raise PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
+        self._check_open()
+        raise AssertionError(f"unexpected request outcome {res}")
+
+    async def _wait_queued(
+        self, ticket: AsyncWaiter, t0: float, deadline: float, timeout: float
+    ) -> Slot:
+        try:
+            woken = await ticket.wait(deadline - monotonic())
+            if woken:
+                with self._lock:
+                    slot = self._core.accept(ticket, int(1000.0 * (monotonic() - t0)))
+                if slot is not None:
+                    return slot
+                raise PoolClosed(f"the pool {self.name!r} is closed")
+        except BaseException:
+            if ticket.tstate != core_state.T_DONE and ticket.tstate != core_state.T_FAILED:
+                self._withdraw(ticket, t0)
+            raise
+        self._withdraw(ticket, t0)
+        raise PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
+
+    def _withdraw(self, ticket: AsyncWaiter, t0: float) -> None:
+        now = monotonic()
+        with self._lock:
+            self._core.withdraw(ticket, now, int(1000.0 * (now - t0)))
+            cmds = self._swap_out()
+        self._execute(cmds)
+
+    async def _connect_inline(self, ticket: AsyncWaiter, deadline: float) -> Slot:
+        """Null pools: the caller opens its own connection, bounded by its deadline."""
+        slot = ticket.slot
+        assert slot is not None
+        timeout = max(round(deadline - monotonic()), 1)
+        attempt = connector.AsyncConnectAttempt()
+        try:
+            conn = await attempt.run(self, {"connect_timeout": timeout})
+        except BaseException as ex:
+            with self._lock:
+                self._core.connect_failed(slot, monotonic(), attempt.connect_failed, ex)
+                cmds = self._swap_out()
+            self._execute(cmds)
+            if isinstance(ex, ConnectionTimeout):
+                raise PoolTimeout(str(ex)) from None
+            raise
+        self._adopt(slot, conn)
+        with self._lock:
+            self._core.connected(slot, conn, monotonic(), attempt.ms)
+            cmds = self._swap_out()
+        self._execute(cmds)
+        if slot.state != core_state.IN_USE:  # the pool was closed meanwhile
+            raise PoolClosed(f"the pool {self.name!r} is already closed")
+        return slot
+
+    # ------------------------------------------------------------------
+    # Taking connections back
+
+    async def putconn(self, conn: ACT) -> None:
+        """Give back a connection obtained with `getconn()`."""
+        await self._putconn(conn, 0.0)
+
+    async def _putconn(self, conn: ACT, t0: float) -> None:
+        """putconn(); with `t0`, the time the connection was lent, for `usage_ms`."""
+        pool = getattr(conn, "_pool", None)
+        if pool is not self:
+            self._foreign(conn, pool)
+        slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+        conn._pool = None
+        if logger.isEnabledFor(_INFO):
+            logger.info("returning connection to %r", self.name)
+        status = conn.pgconn.transaction_status
+        if status == _IDLE and self._reset is None:
+            core = self._core
+            now = monotonic()
+            with self._lock:
+                if t0:
+                    core.add_usage(int(1000.0 * (now - t0)))
+                ticket = core.release(slot, now)
+                cmds = core.out
+                if cmds:
+                    core.out = []
+            if ticket is not None:
+                ticket.wake()
+            if cmds:
+                self._execute(cmds)
+            return
+        if t0:
+            with self._lock:
+                self._core.add_usage(int(1000.0 * (monotonic() - t0)))
+        await self._putconn_slow(slot, conn, status)
+
+    def _foreign(self, conn: Any, pool: Any) -> None:
+        if pool is None:
+            raise ValueError(
+                f"can't return connection to pool {self.name!r}, it doesn't come from any pool:"
+                f" {conn}"
+            )
+        raise ValueError(
+            f"can't return connection to pool {self.name!r}, it comes from pool"
+            f" {pool.name!r}: {conn}"
+        )
+
+    async def _putconn_slow(self, slot: Slot, conn: ACT, status: int) -> None:
+        if status == _UNKNOWN:
+            logger.warning("discarding closed connection: %s", conn)
+            self._discard(slot, "returns_bad")
+            return
+        if self._null and self._reset is None and not self._core.waiting:
+            # Nobody will reuse it: no point in rolling back a connection about to close.
+            self._discard(slot, None)
+            return
+        with self._lock:
+            self._core.begin_io(slot)
+        if self._reset is not None:
+            assert self._bg is not None
+            self._bg.spawn(self._clean_job, slot, conn, "returns_bad")
+        else:
+            await self._clean_job(slot, conn, "returns_bad")
+
+    def _give_back(self, slot: Slot, conn: ACT, counter: str) -> bool:
+        """Return a connection from the getconn side, never awaiting.
+
+        Used where the caller is failing (a failed check, a cancellation): any I/O
+        the connection needs is done in the background. Returns False if the
+        connection was found broken.
+        """
+        conn._pool = None
+        status = conn.pgconn.transaction_status
+        if status == _UNKNOWN:
+            self._discard(slot, counter)
+            return False
+        if status == _IDLE and self._reset is None:
+            self._release(slot)
+            return True
+        with self._lock:
+            self._core.begin_io(slot)
+        if self._bg is not None:
+            self._bg.spawn(self._clean_job, slot, conn, counter)
+        else:
+            self._discard(slot, counter)
+        return True
+
+    async def _clean_job(self, slot: Slot, conn: ACT, counter: str) -> None:
+        ok = False
+        try:
+            ok = await connector.clean(self, conn, conn.pgconn.transaction_status)
+        finally:
+            # Also on cancellation: the connection is closed and replaced, never lost.
+            if ok:
+                self._release(slot)
+            else:
+                self._discard(slot, counter)
+
+    def _release(self, slot: Slot) -> None:
+        with self._lock:
+            ticket = self._core.release(slot, monotonic())
+            cmds = self._swap_out()
+        if ticket is not None:
+            ticket.wake()
+        self._execute(cmds)
+
+    def _discard(self, slot: Slot, counter: str | None) -> None:
+        with self._lock:
+            self._core.discard(slot, monotonic(), counter)
+            cmds = self._swap_out()
+        self._execute(cmds)
+
+    # ------------------------------------------------------------------
+    # Maintenance
+
+    async def check(self) -> None:
+        """Check every idle connection now; replace the broken ones."""
+        if self._null:
+            return
+        with self._lock:
+            slots = self._core.begin_check(monotonic())
+            cmds = self._swap_out()
+        self._execute(cmds)
+        pending = list(reversed(slots))
+        try:
+            while pending:
+                slot = pending.pop()
+                conn = slot.conn
+                try:
+                    await self.check_connection(conn)
+                except Exception:
+                    logger.warning("discarding broken connection: %s", conn)
+                    self._discard(slot, "connections_lost")
+                except BaseException:
+                    self._discard(slot, "connections_lost")
+                    raise
+                else:
+                    self._release(slot)
+        finally:
+            for slot in pending:  # interrupted: put the unchecked ones back as they were
+                self._release(slot)
+
+    @staticmethod
+    async def check_connection(conn: ACT) -> None:
+        """A `check` callback that runs an empty query; raises if the connection is dead."""
+        await connector.check_connection(conn)
+
+    async def drain(self) -> None:
+        """Replace every connection: idle ones now, the ones in use when they return."""
+        with self._lock:
+            self._core.drain(monotonic())
+            cmds = self._swap_out()
+        self._execute(cmds)
+
+    async def resize(self, min_size: int, max_size: int | None = None) -> None:
+        """Change the pool size; growing happens now, shrinking as connections idle."""
+        min_size, max_size = _config.check_sizes(min_size, max_size, null=self._null)
+        logger.info("resizing %r to min_size=%s max_size=%s", self.name, min_size, max_size)
+        with self._lock:
+            self._core.resize(min_size, max_size, monotonic())
+            cmds = self._swap_out()
+        self._execute(cmds)
+
+    def get_stats(self) -> dict[str, int]:
+        """The pool's gauges and counters."""
+        with self._lock:
+            return snapshot(self._core)
+
+    def pop_stats(self) -> dict[str, int]:
+        """Like `get_stats()`, then reset the counters."""
+        with self._lock:
+            return snapshot(self._core, reset=True)
+
+    async def reconnect_failed(self) -> None:
+        """Called when connecting keeps failing for `reconnect_timeout` seconds."""
+        cb = self._reconnect_failed
+        if cb is not None:
+            await aresolve(cb(self))
+
+    # ------------------------------------------------------------------
+    # Carrying out the core's commands
+
+    def _swap_out(self) -> list[Command]:
+        core = self._core
+        cmds = core.out
+        if cmds:
+            core.out = []
+        return cmds
+
+    def _execute(self, cmds: list[Command]) -> None:
+        for cmd in cmds:
+            kind = type(cmd)
+            if kind is Wake:
+                cast(Wake, cmd).ticket.wake()
+            elif kind is Close:
+                self._spawn(self._close_job, cast(Close, cmd).slot)
+            elif kind is Connect:
+                self._spawn(self._connect_job, cast(Connect, cmd).slot)
+            elif kind is Log:
+                log = cast(Log, cmd)
+                if logger.isEnabledFor(log.level):
+                    logger.log(log.level, log.msg, *log.args)
+            elif kind is Rearm:
+                self._wakeup.set()
+            elif kind is ReconnectFailed:
+                self._spawn(self.reconnect_failed)
+
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        bg = self._bg
+        if bg is None:
+            bg = AsyncBackground(self.name, 1)
+            bg.stopped = True
+        bg.spawn(fn, *args)
+
+    async def _close_job(self, slot: Slot) -> None:
+        if slot.conn is not None:
+            await connector.close(slot.conn)
+
+    async def _connect_job(self, slot: Slot) -> None:
+        attempt = connector.AsyncConnectAttempt()
+        try:
+            conn = await attempt.run(self)
+        except BaseException as ex:
+            logger.warning("error connecting in %r: %s", self.name, ex)
+            with self._lock:
+                self._core.connect_failed(slot, monotonic(), attempt.connect_failed, ex)
+                cmds = self._swap_out()
+            self._execute(cmds)
+            if not isinstance(ex, Exception):
+                raise
+            return
+        self._adopt(slot, conn)
+        conn._pool = None
+        with self._lock:
+            ticket = self._core.connected(slot, conn, monotonic(), attempt.ms)
+            cmds = self._swap_out()
+        conn._created_at = slot.created_at
+        conn._expire_at = slot.expire_at
+        logger.info("adding new connection to the pool")
+        if ticket is not None:
+            ticket.wake()
+        self._execute(cmds)
+
+    def _adopt(self, slot: Slot, conn: ACT) -> None:
+        conn._pool_slot = slot  # type: ignore[attr-defined]
+
+
+class _AsyncConnectionContext(Generic[ACT]):
+    """What `pool.connection()` returns: a class, not a generator, for speed."""
+
+    __slots__ = ("_conn", "_pool", "_t0", "_timeout")
+
+    def __init__(self, pool: AsyncConnectionPool[ACT], timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    async def __aenter__(self) -> ACT:
+        self._conn = conn = await self._pool.getconn(self._timeout)
+        self._t0 = monotonic()
+        return conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        conn = self._conn
+        pool = self._pool
+        try:
+            # Ending the transaction is psycopg's job, but on an idle connection it
+            # is a no-op that still costs a lock round: skip it then.
+            if conn.pgconn.transaction_status != _IDLE:
+                await conn.__aexit__(exc_type, exc_val, exc_tb)
+        finally:
+            await pool._putconn(conn, self._t0)
+
+
+async def _housekeeper(wref: weakref.ref[AsyncConnectionPool[Any]], wakeup: AsyncWakeup) -> None:
+    """Sleep until the core's next deadline (or a wake-up), then tick it.
+
+    Holds the pool only weakly between rounds, so a forgotten pool can be collected.
+    """
+    while True:
+        pool = wref()
+        if pool is None or pool._stopping or pool._wakeup is not wakeup:
+            return
+        now = monotonic()
+        with pool._lock:
+            pool._core.tick(now)
+            cmds = pool._swap_out()
+            deadline = pool._core.next_deadline()
+        pool._execute(cmds)
+        del pool
+        await wakeup.wait(None if deadline == INF else max(0.0, deadline - monotonic()))
