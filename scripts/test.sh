@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything CI checks: bootstrap, ruff, mypy, the unasync freshness check (once
+# tools/unasync.py exists) and pytest; arguments go to pytest, relative to the repo
+# root. Every step runs even after a failure; the exit status is non-zero if any
+# failed (pytest finding no tests, exit code 5, is a failure too).
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+section() { printf '\n===== %s =====\n' "$*"; }
+
+failed=()
+step() {
+    local name=$1 rc
+    shift
+    section "$name"
+    "$@"
+    rc=$?
+    if [ "$rc" -ne 0 ]; then
+        printf -- '----- %s: FAILED (exit code %d)\n' "$name" "$rc"
+        failed+=("$name")
+    fi
+}
+
+section bootstrap
+bash scripts/bootstrap.sh || {
+    echo "----- bootstrap: FAILED" >&2
+    exit 1
+}
+
+py=.venv/bin/python
+step "ruff check" "$py" -m ruff check .
+step "mypy" "$py" -m mypy
+if [ -f tools/unasync.py ]; then
+    step "unasync --check" "$py" tools/unasync.py --check
+fi
+step "pytest" "$py" -m pytest -p no:cacheprovider "$@"
+
+section summary
+if [ ${#failed[@]} -gt 0 ]; then
+    printf 'FAILED: %s\n' "${failed[@]}"
+    exit 1
+fi
+echo "all checks passed"
