@@ -1,0 +1,258 @@
+"""Helpers shared by the integration tests (real PostgreSQL, no mocks of the database).
+
+Several test modules use this file: add functions, don't rewrite the existing ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import pytest
+
+POOL_LOGGER = "psycopg.pool"
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    """Poll `predicate` every few ms until it is true; fail the test at the deadline.
+
+    For conditions that have nothing to wait on (the pool's background work, the
+    server's view of a connection). The deadline is generous: it only bounds a
+    failing test, a passing one returns as soon as the condition holds.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+def backend_pid(conn: psycopg.Connection[Any]) -> int:
+    return conn.info.backend_pid
+
+
+def terminate_backends(dsn: str, *pids: int) -> None:
+    """Kill server processes (as an admin would) and wait until they are gone."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+        def gone() -> bool:
+            cur = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", [list(pids)]
+            )
+            row = cur.fetchone()
+            return row is not None and row[0] == 0
+
+        wait_until(gone, f"backends {pids} to terminate")
+
+
+def server_pids(dsn: str, application_name: str) -> set[int]:
+    """The backend pids of the server connections opened with this application_name."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        cur = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", [application_name]
+        )
+        return {row[0] for row in cur}
+
+
+def refused_conninfo() -> str:
+    """A conninfo whose connection attempts fail at once (nobody listens on the port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2"
+
+
+def pool_threads(name: str) -> list[threading.Thread]:
+    """The live threads a pool called `name` started (they are named after it)."""
+    return [t for t in threading.enumerate() if t.name.startswith(f"{name}-")]
+
+
+def log_messages(
+    caplog: pytest.LogCaptureFixture, level: int, logger: str = POOL_LOGGER
+) -> list[str]:
+    """The messages logged by `logger` at exactly `level`, in order."""
+    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno == level]
+
+
+def warnings_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return log_messages(caplog, logging.WARNING)
+
+
+class ConnectGate:
+    """Makes connection attempts of a pool block until released, and counts them.
+
+    `gate.connection_class` is a `psycopg.Connection` subclass to pass to the pool:
+    its `connect()` records how many attempts are in flight (and the peak), then
+    blocks until `release()` (or `hold=False`) before really connecting.
+    """
+
+    def __init__(self, hold: bool = True) -> None:
+        self.lock = threading.Lock()
+        self.open_gate = threading.Event()
+        if not hold:
+            self.open_gate.set()
+        self.in_flight = 0
+        self.peak = 0
+        self.attempts = 0
+        self.connections: list[psycopg.Connection[Any]] = []
+        gate = self
+
+        class GatedConnection(psycopg.Connection[Any]):
+            @classmethod
+            def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+                with gate.lock:
+                    gate.attempts += 1
+                    gate.in_flight += 1
+                    gate.peak = max(gate.peak, gate.in_flight)
+                try:
+                    if not gate.open_gate.wait(10.0):
+                        raise psycopg.OperationalError("test gate never opened")
+                    conn = super().connect(conninfo, **kwargs)
+                finally:
+                    with gate.lock:
+                        gate.in_flight -= 1
+                with gate.lock:
+                    gate.connections.append(conn)
+                return conn
+
+        self.connection_class = GatedConnection
+
+    def release(self) -> None:
+        self.open_gate.set()
+
+
+@contextmanager
+def running_threads(*targets: Callable[[], Any]) -> Iterator[list[threading.Thread]]:
+    """Run each target in a daemon thread; join them all (bounded) at the end."""
+    threads = [threading.Thread(target=t, daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    try:
+        yield threads
+    finally:
+        for t in threads:
+            t.join(10.0)
+        alive = [t for t in threads if t.is_alive()]
+        if alive:
+            pytest.fail(f"{len(alive)} client threads still running")
+
+
+class PoolClient:
+    """A client thread of a sync pool: getconn(), optionally hold, putconn().
+
+    It records what happened instead of raising in its thread: `conn` (the
+    connection it got), `error` (the exception getconn raised), and sets `got`
+    once it has a connection, `done` when it is finished. With `hold`, it keeps
+    its connection until `hold` is set.
+    """
+
+    def __init__(
+        self, pool: Any, timeout: float | None = None, hold: threading.Event | None = None
+    ) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self.hold = hold
+        self.conn: Any = None
+        self.error: BaseException | None = None
+        self.got = threading.Event()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> PoolClient:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            conn = self.pool.getconn(self.timeout)
+        except Exception as ex:
+            self.error = ex
+            self.done.set()
+            return
+        self.conn = conn
+        self.got.set()
+        try:
+            if self.hold is not None:
+                self.hold.wait(10.0)
+            self.pool.putconn(conn)
+        finally:
+            self.done.set()
+
+    def join(self) -> None:
+        if not self.done.wait(10.0):
+            pytest.fail("a pool client thread did not finish")
+        self.thread.join(1.0)
+
+
+# ----------------------------------------------------------------------
+# Async tests (no pytest-asyncio: each test body runs in its own asyncio.run())
+
+
+def run_async(fn: Callable[..., Any]) -> Callable[..., None]:
+    """Decorate an `async def` test: pytest sees a plain function running it in a new loop.
+
+    The signature is kept (`functools.wraps`), so fixtures still reach the body.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), ASYNC_TEST_TIMEOUT))
+
+    return wrapper
+
+
+# A hung async test fails with a TimeoutError instead of blocking the run.
+ASYNC_TEST_TIMEOUT = 20.0
+
+
+async def await_until(predicate: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    """`wait_until` for coroutines: poll without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+@contextmanager
+def silent_server() -> Iterator[str]:
+    """A local TCP server that accepts connections and never says a word.
+
+    Yields a conninfo pointing at it: a client connecting there waits for the
+    server's first message until its own timeout.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    port = listener.getsockname()[1]
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_forever() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:  # the accept timeout, or the listener closed
+                continue
+
+    thread = threading.Thread(target=accept_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+    finally:
+        stop.set()
+        thread.join(5.0)
+        listener.close()
+        for s in accepted:
+            s.close()
