@@ -23,6 +23,7 @@ class Backoff:
 
     __slots__ = (
         "delay",
+        "failed_at",
         "gave_up",
         "give_up_at",
         "initial_delay",
@@ -52,6 +53,7 @@ class Backoff:
         self.give_up_at = 0.0
         self.retry_at = 0.0
         self.delay = 0.0
+        self.failed_at = 0.0
         self.gave_up = False
 
     @property
@@ -61,17 +63,20 @@ class Backoff:
     def failed(self, attempt_started: float, now: float, reconnect_timeout: float) -> bool:
         """Record a failed attempt; return True if this is the moment to give up.
 
-        Giving up is reported once per streak: after it the schedule goes on with
+        Only a retry escalates the delay: attempts that were already running in
+        parallel when the streak began fail together and count as one step.
+        Giving up is reported once per streak; after it the schedule goes on with
         the delay capped at `max_delay` instead of clipped to the give-up time.
         """
         if self.started_at is None:
             self.started_at = attempt_started
             self.give_up_at = attempt_started + reconnect_timeout
-            self.delay = self.initial_delay * (
-                1.0 + self.jitter * (2.0 * self.rng.random() - 1.0)
-            )
-        else:
+            self.delay = self.initial_delay * (1.0 + self.jitter * (2.0 * self.rng.random() - 1.0))
+        elif attempt_started > self.failed_at:
             self.delay *= self.multiplier
+        else:
+            return False
+        self.failed_at = now
 
         give_up_now = False
         if not self.gave_up and attempt_started >= self.give_up_at:

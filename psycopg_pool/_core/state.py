@@ -311,7 +311,7 @@ class PoolCore:
             ticket.slot = None
             slot.ticket = None
             self.n_busy -= 1
-            t = self._place(slot)
+            t = self._recycle(slot, now)
             if t is not None:
                 self.out.append(Wake(t))
         elif st == T_DONE:
@@ -327,6 +327,10 @@ class PoolCore:
             self.n_busy -= 1
         else:
             self.n_checking -= 1
+        return self._recycle(slot, now)
+
+    def _recycle(self, slot: Slot, now: float) -> Ticket | None:
+        """Reuse a healthy connection unless it is stale, expired or the pool closed."""
         if slot.generation != self.generation or self.status != OPEN:
             self._close(slot)
             self._fill(now)

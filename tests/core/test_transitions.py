@@ -1,0 +1,391 @@
+"""Stories told to the core, one fact at a time, with what it must answer."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from psycopg_pool._core import state as st
+from psycopg_pool._core.backoff import Backoff
+from psycopg_pool._core.commands import Close, Connect, Log, ReconnectFailed
+from psycopg_pool._core.stats import snapshot
+
+from .model import Harness
+
+
+def filled(n: int = 2, **kwargs: object) -> Harness:
+    """An open pool whose first `n` attempts succeeded."""
+    h = Harness.make(**kwargs)
+    h.open()
+    while h.connecting and n:
+        h.connect_ok(h.connecting[0])
+        n -= 1
+    h.check()
+    return h
+
+
+def test_open_starts_min_size_attempts_within_num_workers() -> None:
+    h = Harness.make(min_size=5, max_size=5, num_workers=3)
+    h.open()
+    assert len(h.connecting) == 3
+    h.connect_ok(h.connecting[0])
+    assert len(h.connecting) == 3  # one done, the next one started
+    while h.connecting:
+        h.connect_ok(h.connecting[0])
+    assert len(h.core.idle) == 5
+    h.check()
+
+
+def test_hot_path_takes_from_the_left_and_returns_to_the_right() -> None:
+    h = filled(2, min_size=2, max_size=2)
+    first, second = list(h.core.idle)
+    h.getconn()
+    assert h.held == [first]
+    h.putconn(first)
+    assert list(h.core.idle) == [second, first]
+    assert h.core.out == []
+    h.check()
+
+
+def test_waiters_are_served_first_come_first_served() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    tickets = [h.getconn()[1] for _ in range(3)]
+    assert [t.tstate for t in tickets if t] == [st.T_WAITING] * 3
+    slot = h.held[0]
+    h.putconn(slot)
+    assert h.granted == [tickets[0]]
+    h.accept(tickets[0])  # type: ignore[arg-type]
+    h.putconn(h.held[0])
+    assert h.granted == [tickets[1]]
+    h.check()
+
+
+def test_a_withdrawn_waiter_leaves_the_queue_at_once() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    _, t1 = h.getconn()
+    _, t2 = h.getconn()
+    assert t1 and t2
+    assert snapshot(h.core)["requests_waiting"] == 2
+    h.withdraw(t1)
+    assert snapshot(h.core)["requests_waiting"] == 1
+    h.putconn(h.held[0])
+    assert h.granted == [t2]
+    h.check()
+
+
+def test_a_grant_to_a_withdrawn_ticket_passes_to_the_next_one() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    _, t1 = h.getconn()
+    _, t2 = h.getconn()
+    assert t1 and t2
+    h.putconn(h.held[0])
+    assert h.granted == [t1]
+    granted_slot = t1.slot
+    h.withdraw(t1)  # cancelled at the very moment it was served
+    assert h.granted == [t2] and t2.slot is granted_slot
+    h.withdraw(t2)
+    assert list(h.core.idle) == [granted_slot]  # nobody left: back to idle, not lost
+    h.check()
+
+
+def test_max_waiting_refuses_extra_clients() -> None:
+    h = filled(1, min_size=1, max_size=1, max_waiting=2)
+    h.getconn()
+    assert h.getconn()[0] == st.QUEUED
+    assert h.getconn()[0] == st.QUEUED
+    assert h.getconn()[0] == st.TOO_MANY
+    assert h.core.requests_errors == 1
+    h.check()
+
+
+def test_no_wait_request_gets_an_idle_connection_or_nothing() -> None:
+    h = filled(1, min_size=1, max_size=2)
+    assert h.getconn(can_wait=False)[0] == st.GOT
+    res, _ = h.getconn(can_wait=False)
+    assert res == st.NO_WAIT
+    assert h.core.waiting == {}
+    h.check()
+
+
+def test_growth_is_parallel_for_uncovered_waiters_and_bounded() -> None:
+    h = filled(2, min_size=2, max_size=10, num_workers=4)
+    h.getconn()
+    h.getconn()
+    for _ in range(20):
+        h.getconn()
+    # 20 waiters: 4 attempts at once (num_workers), never more than max_size in all.
+    assert len(h.connecting) == 4
+    while h.connecting:
+        h.connect_ok(h.connecting[0])
+        h.check()
+    assert len(h.core.live) == 10
+    assert any("growing pool" in log.msg for log in h.logs)
+
+
+def test_growth_is_only_for_waiters_not_already_covered() -> None:
+    h = filled(2, min_size=2, max_size=10, num_workers=3)
+    h.getconn()
+    h.getconn()
+    h.getconn()
+    assert len(h.connecting) == 1
+    h.getconn()
+    assert len(h.connecting) == 2
+
+
+def test_lifetime_is_jittered_down_by_at_most_five_percent() -> None:
+    h = filled(4, min_size=4, max_size=4, max_lifetime=100.0)
+    lifetimes = [s.expire_at - s.created_at for s in h.core.idle]
+    assert all(95.0 <= x <= 100.0 for x in lifetimes)
+    assert len(set(lifetimes)) > 1
+
+
+def test_expired_connection_is_never_handed_out_and_replaced_in_background() -> None:
+    h = filled(2, min_size=2, max_size=2, max_lifetime=10.0, max_idle=1000.0)
+    assert h.core.next_deadline() <= 10.0
+    h.tick(10.0)
+    assert len(h.core.idle) == 0
+    assert len(h.closed) == 2
+    assert len(h.connecting) == 2  # replacements
+    h.check()
+
+
+def test_expired_connection_found_on_take_is_skipped() -> None:
+    h = filled(2, min_size=2, max_size=2, max_lifetime=10.0, max_idle=1000.0)
+    h.now = 10.0  # no tick yet: the housekeeper is late
+    res, _t = h.getconn()
+    assert res == st.QUEUED and len(h.closed) == 2
+    h.check()
+
+
+def test_expired_connection_is_closed_on_return() -> None:
+    h = filled(1, min_size=1, max_size=1, max_lifetime=10.0, max_idle=1000.0)
+    h.getconn()
+    h.now = 11.0
+    h.putconn(h.held[0])
+    assert len(h.closed) == 1 and len(h.connecting) == 1
+    h.check()
+
+
+def test_shrink_closes_one_unused_connection_per_max_idle() -> None:
+    h = filled(2, min_size=2, max_size=4, max_idle=10.0, max_lifetime=1e6)
+    # A burst of 4 clients grows the pool to 4.
+    for _ in range(4):
+        h.getconn()
+    while h.connecting:
+        h.connect_ok(h.connecting[0])
+    for t in list(h.granted):
+        h.accept(t)
+    for slot in list(h.held):
+        h.putconn(slot)
+    sizes = []
+    for _ in range(4):
+        h.tick(10.0)
+        sizes.append(len(h.core.live))
+    assert sizes == [4, 3, 2, 2]
+    h.check()
+
+
+def test_resize_grows_at_once_and_shrinks_lazily() -> None:
+    h = filled(2, min_size=2, max_size=2, max_idle=10.0, max_lifetime=1e6)
+    h.core.resize(4, 4, h.now)
+    h.run()
+    assert len(h.connecting) == 2
+    while h.connecting:
+        h.connect_ok(h.connecting[0])
+    h.core.resize(1, 1, h.now)
+    h.run()
+    assert len(h.core.live) == 4
+    h.tick(10.0)  # the first period only measures
+    h.tick(10.0)
+    assert len(h.core.live) == 3
+
+
+def test_backoff_schedule_and_reconnect_failed_once_per_outage() -> None:
+    h = Harness.make(min_size=3, max_size=3, reconnect_timeout=30.0, num_workers=3)
+    h.open()
+    assert len(h.connecting) == 3
+    for slot in list(h.connecting):
+        h.connect_fail(slot)
+    b = h.core.backoff
+    assert b.failing and 0.9 <= b.retry_at <= 1.1
+    assert h.connecting == []  # nobody waits: no attempt before the schedule
+    retries = []
+    for _ in range(12):
+        h.tick(h.core.next_deadline() - h.now)
+        assert len(h.connecting) == 1  # one probe at a time while failing
+        retries.append(h.now)
+        h.connect_fail(h.connecting[0])
+    gaps = [b - a for a, b in itertools.pairwise(retries)]
+    assert 1.8 <= gaps[0] <= 2.2 and 3.6 <= gaps[1] <= 4.4
+    assert max(gaps) <= 30.0 and max(gaps[-3:]) <= 10.0 + 1e-9
+    assert h.reconnect_failed == 1
+    # Back up: one success brings the rest in parallel, and the streak is over.
+    h.tick(h.core.next_deadline() - h.now)
+    h.connect_ok(h.connecting[0])
+    assert len(h.connecting) == 2 and not b.failing
+    h.check()
+
+
+def test_waiting_clients_make_a_failing_pool_probe_often() -> None:
+    h = Harness.make(min_size=1, max_size=1)
+    h.open()
+    h.connect_fail(h.connecting[0])
+    h.tick(1.1)
+    h.connect_fail(h.connecting[0])  # next retry ~2 s away
+    h.getconn()
+    assert h.core.next_deadline() <= h.now + st.DEMAND_PROBE_INTERVAL + 1e-9
+    h.tick(st.DEMAND_PROBE_INTERVAL)
+    assert len(h.connecting) == 1
+    h.connect_ok(h.connecting[0])
+    assert len(h.granted) == 1
+
+
+def test_check_refills_to_min_size_without_an_extra_connection() -> None:
+    h = filled(2, min_size=2, max_size=4)
+    slots = h.begin_check()
+    assert len(slots) == 2 and h.connecting == []
+    h.io_done(slots[0], False)  # broken: replaced
+    assert len(h.connecting) == 1
+    h.io_done(slots[1], True)
+    assert h.core.connections_lost == 0  # counted by the shell's discard reason
+    h.check()
+
+
+def test_drain_replaces_idle_now_and_busy_on_return() -> None:
+    h = filled(2, min_size=2, max_size=2)
+    h.getconn()
+    busy = h.held[0]
+    h.core.drain(h.now)
+    h.run()
+    assert len(h.closed) == 1 and len(h.connecting) == 1
+    h.connect_ok(h.connecting[0])
+    h.putconn(busy)
+    assert busy.id in h.closed
+    h.check()
+
+
+def test_close_fails_waiters_and_revokes_grants_then_reopens() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    _, t1 = h.getconn()
+    _, t2 = h.getconn()
+    assert t1 and t2
+    h.putconn(h.held[0])  # granted to t1, not picked up yet
+    h.close()
+    assert t1.tstate == st.T_FAILED and t2.tstate == st.T_FAILED
+    assert h.core.accept(t1, 0) is None
+    assert h.core.live == set()
+    assert h.core.take(h.now) is None
+    assert h.core.request(h.new_ticket(), h.now, True) == st.IS_CLOSED
+    h.open()
+    assert len(h.connecting) == 1
+
+
+def test_connection_finished_after_close_is_closed() -> None:
+    h = Harness.make(min_size=1, max_size=1)
+    h.open()
+    slot = h.connecting[0]
+    h.core.close(h.now)
+    h.run()
+    h.connect_ok(slot)
+    assert slot.id in h.closed and h.core.live == set()
+
+
+def test_wait_ready_wakes_when_min_size_is_idle() -> None:
+    h = Harness.make(min_size=2, max_size=2)
+    h.open()
+    t = h.new_ticket()
+    assert not h.core.wait_ready(t, h.now)
+    h.ready_waiting.append(t)
+    h.connect_ok(h.connecting[0])
+    assert t.tstate == st.T_WAITING
+    h.connect_ok(h.connecting[0])
+    assert h.ended[t.n] == "ready"
+
+
+def test_null_preset_connects_inline_and_closes_returns() -> None:
+    h = Harness.make(min_size=0, max_size=2, null=True)
+    h.open()
+    assert h.connecting == []
+    res, t = h.getconn()
+    assert res == st.INLINE and t and t.slot
+    h.connect_ok(t.slot)
+    assert h.held == [t.slot]
+    _res2, t2 = h.getconn()
+    h.connect_ok(t2.slot)  # type: ignore[union-attr, arg-type]
+    assert h.getconn()[0] == st.QUEUED  # at max_size: wait for a return
+    h.putconn(h.held[0])
+    assert len(h.granted) == 1  # handed over rather than closed
+    h.putconn(h.held[0])
+    assert len(h.closed) == 1  # nobody waits: closed
+    assert snapshot(h.core)["pool_available"] == 0
+    h.check()
+
+
+def test_null_wait_probes_one_connection() -> None:
+    h = Harness.make(min_size=0, max_size=0, null=True)
+    h.open()
+    t = h.new_ticket()
+    assert not h.core.wait_ready(t, h.now)
+    h.ready_waiting.append(t)
+    h.run()
+    assert len(h.connecting) == 1
+    h.connect_ok(h.connecting[0])
+    assert h.ended[t.n] == "ready" and len(h.closed) == 1
+    assert h.core.connections_num == 1 and len(h.core.live) == 0
+
+
+def test_stats_snapshot_and_pop() -> None:
+    h = filled(2, min_size=2, max_size=2)
+    h.getconn()
+    h.core.add_usage(0)
+    stats = snapshot(h.core)
+    assert stats["pool_size"] == 2 and stats["pool_available"] == 1
+    assert stats["requests_num"] == 1 and stats["usage_ms"] == 0
+    assert "returns_bad" not in stats
+    popped = snapshot(h.core, reset=True)
+    assert popped["requests_num"] == 1
+    after = snapshot(h.core)
+    assert "requests_num" not in after and "usage_ms" not in after
+    assert after["pool_size"] == 2
+
+
+def test_pool_size_is_min_size_before_open() -> None:
+    h = Harness.make(min_size=3, max_size=5)
+    assert snapshot(h.core)["pool_size"] == 3
+
+
+def test_reconnect_log_and_command_are_emitted_together() -> None:
+    h = Harness.make(min_size=1, max_size=1, reconnect_timeout=0.0)
+    h.open()
+    h.core.connect_failed(h.connecting.pop(), h.now, True, None)
+    cmds = h.core.out
+    assert any(isinstance(c, ReconnectFailed) for c in cmds)
+    assert any(isinstance(c, Log) and "reconnection attempt" in c.msg for c in cmds)
+    h.run()
+
+
+def test_commands_have_readable_reprs() -> None:
+    h = Harness.make(min_size=1, max_size=1)
+    h.open()
+    assert any(isinstance(c, Connect) for c in h.core.out) or h.connecting
+    slot = h.connecting[0]
+    assert "connecting" in repr(slot) and "Close(" in repr(Close(slot))
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.1])
+def test_backoff_clips_the_last_retry_to_the_give_up_time(jitter: float) -> None:
+    import random
+
+    b = Backoff(random.Random(1), jitter=jitter)
+    assert not b.failed(0.0, 0.0, 5.0)
+    assert b.retry_at <= 1.1
+    assert not b.failed(b.retry_at, b.retry_at, 5.0)
+    assert not b.failed(b.retry_at, b.retry_at, 5.0)
+    assert b.retry_at == 5.0  # 1 + 2 + 4 > 5: clipped
+    assert b.failed(5.0, 5.0, 5.0)  # an attempt started at the give-up time fails
+    assert not b.failed(b.retry_at, b.retry_at, 5.0)  # reported once
