@@ -60,7 +60,9 @@ def run_threads(dsn: str, seconds: float, workers: int) -> None:
 async def run_tasks(dsn: str, seconds: float, workers: int) -> None:
     done = 0
     stop = time.monotonic() + seconds
-    async with AsyncConnectionPool(dsn, min_size=2, max_size=8, open=False, name="demo-tasks") as pool:
+    async with AsyncConnectionPool(
+        dsn, min_size=2, max_size=8, open=False, name="demo-tasks"
+    ) as pool:
 
         async def work() -> None:
             nonlocal done
