@@ -278,6 +278,8 @@ class PoolMixin:
 
     _open_implicit: bool
 
+    def _stop_background(self, timeout: float) -> None: ...
+
     def _ctor_open_warning(self, open: bool | None) -> None:
         pass
 
@@ -287,9 +289,8 @@ class PoolMixin:
 
     def __del__(self) -> None:
         # Threads hold the pool only weakly, so an open pool can be collected: stop them.
-        stop = getattr(self, "_stop_background", None)
-        if stop is not None:
-            stop(5.0)
+        if getattr(self, "_bg", None) is not None:  # None too if __init__ failed
+            self._stop_background(5.0)
 
 
 _ASYNC_OPEN_MSG = (

@@ -253,23 +253,24 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         if self._open_implicit:
             self._warn_implicit()
         self._check_open()
+        logger.info("waiting for pool %r initialization", self.name)
         ticket = AsyncWaiter()
         with self._lock:
             ready = self._core.wait_ready(ticket, monotonic())
             cmds = self._swap_out()
         self._execute(cmds)
-        if ready:
-            return
-        try:
-            woken = await ticket.wait(timeout)
-        finally:
-            with self._lock:
-                self._core.withdraw_ready(ticket)
-        if ticket.error is not None:
-            raise PoolClosed(f"the pool {self.name!r} is closed")
-        if not woken:
-            await self.close()
-            raise PoolTimeout(f"pool initialization incomplete after {timeout} sec")
+        if not ready:
+            try:
+                woken = await ticket.wait(timeout)
+            finally:
+                with self._lock:
+                    self._core.withdraw_ready(ticket)
+            if ticket.error is not None:
+                raise PoolClosed(f"the pool {self.name!r} is closed")
+            if not woken:
+                await self.close()
+                raise PoolTimeout(f"pool initialization incomplete after {timeout} sec")
+        logger.info("pool %r is ready to use", self.name)
 
     def _check_open(self) -> None:
         status = self._core.status

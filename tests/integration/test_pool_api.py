@@ -158,10 +158,6 @@ def quiet_failed_init() -> Iterator[None]:
 ctor_fails = pytest.mark.usefixtures("quiet_failed_init")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: __del__ of a pool whose __init__ raised fails with AttributeError '_bg'",
-)
 def test_failed_constructor_is_collected_quietly() -> None:
     script = textwrap.dedent(
         """
