@@ -11,8 +11,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import psycopg
@@ -80,8 +80,15 @@ def pool_threads(name: str) -> list[threading.Thread]:
 def log_messages(
     caplog: pytest.LogCaptureFixture, level: int, logger: str = POOL_LOGGER
 ) -> list[str]:
-    """The messages logged by `logger` at exactly `level`, in order."""
-    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno == level]
+    """The messages logged by `logger` at exactly `level`, in order, as formatted then.
+
+    (A `%s` of a connection shows the state it had when the message was logged.)
+    """
+    return [
+        getattr(r, "message", None) or r.getMessage()
+        for r in caplog.records
+        if r.name == logger and r.levelno == level
+    ]
 
 
 def warnings_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -256,3 +263,44 @@ def silent_server() -> Iterator[str]:
         listener.close()
         for s in accepted:
             s.close()
+
+
+@asynccontextmanager
+async def async_pool(conninfo: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    """An open `AsyncConnectionPool` (min_size 1, timeout 2 s unless given), closed at exit.
+
+    Built with open=False and opened with `await pool.open(wait=True)`: no warning.
+    """
+    from psycopg_pool import AsyncConnectionPool
+
+    kwargs.setdefault("min_size", 1)
+    kwargs.setdefault("timeout", 2.0)
+    pool: Any = AsyncConnectionPool(conninfo, open=False, **kwargs)
+    try:
+        await pool.open(wait=True, timeout=5.0)
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def afetchval(conn: psycopg.AsyncConnection[Any], sql: str) -> Any:
+    """The first column of the first row of `sql`, on an async connection."""
+    cur = await conn.execute(sql)
+    row = await cur.fetchone()
+    assert row is not None
+    return row[0]
+
+
+def messages_as_logged(
+    caplog: pytest.LogCaptureFixture, level: int = logging.WARNING, logger: str = POOL_LOGGER
+) -> list[str]:
+    """Like `log_messages`, but each message as formatted when it was logged.
+
+    `record.getMessage()` formats again on every call, so a `%s` of a connection
+    shows its state *now* (e.g. `[IDLE]` after the rollback the message announced).
+    """
+    return [
+        getattr(r, "message", r.getMessage())
+        for r in caplog.records
+        if r.name == logger and r.levelno == level
+    ]

@@ -1,0 +1,398 @@
+"""ConnectionPool: the return path.
+
+Spec: API.md §2.2 (putconn and its ValueError), §3.1 (close_returns), §3.4 (return
+statuses, the reset callback and their WARNING logs), traps 13-15, 18, 23, 24.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.pq import TransactionStatus
+
+from psycopg_pool import ConnectionPool
+
+from .helpers import backend_pid, terminate_backends, wait_until, warnings_logged
+
+IDLE = TransactionStatus.IDLE
+
+
+@pytest.fixture
+def pool(dsn: str) -> Iterator[ConnectionPool]:
+    """A ready 1-connection pool called 'ret'."""
+    with ConnectionPool(dsn, min_size=1, open=False, name="ret", timeout=2) as pool:
+        pool.wait(5)
+        yield pool
+
+
+@pytest.fixture
+def warnings_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
+    return caplog
+
+
+def wait_idle(pool: ConnectionPool, n: int = 1) -> None:
+    wait_until(lambda: pool.get_stats()["pool_available"] == n, f"{n} idle connections")
+
+
+def make_inerror(conn: psycopg.Connection[Any]) -> None:
+    try:
+        conn.execute("SELECT 1/0")
+    except psycopg.errors.DivisionByZero:
+        pass
+    assert conn.info.transaction_status == TransactionStatus.INERROR
+
+
+# ---------------------------------------------------------------------------
+# Ownership (§2.2)
+
+
+def test_putconn_foreign_pool(dsn: str, pool: ConnectionPool) -> None:
+    with ConnectionPool(dsn, min_size=1, open=False, name="other") as other:
+        conn = other.getconn(5)
+        with pytest.raises(ValueError) as excinfo:
+            pool.putconn(conn)
+        assert str(excinfo.value) == (
+            f"can't return connection to pool 'ret', it comes from pool 'other': {conn}"
+        )
+        assert conn._pool is other  # untouched
+        other.putconn(conn)
+
+
+def test_putconn_not_from_a_pool(dsn: str, pool: ConnectionPool) -> None:
+    with psycopg.connect(dsn) as conn:
+        with pytest.raises(ValueError) as excinfo:
+            pool.putconn(conn)
+        assert str(excinfo.value) == (
+            f"can't return connection to pool 'ret', it doesn't come from any pool: {conn}"
+        )
+        assert getattr(conn, "_pool", None) is None
+        assert not conn.closed
+
+
+def test_putconn_twice(pool: ConnectionPool) -> None:
+    conn = pool.getconn()
+    pool.putconn(conn)
+    with pytest.raises(ValueError, match="it doesn't come from any pool"):
+        pool.putconn(conn)
+    stats = pool.get_stats()
+    assert stats["pool_available"] == 1
+    assert stats["pool_size"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Transaction status on return (§3.4 step 3, traps 13 and 14)
+
+
+@pytest.mark.parametrize("status", ["INTRANS", "INERROR"])
+def test_return_in_transaction_rolls_back(
+    pool: ConnectionPool, warnings_log: pytest.LogCaptureFixture, status: str
+) -> None:
+    conn = pool.getconn()
+    pid = backend_pid(conn)
+    if status == "INTRANS":
+        conn.execute("CREATE TEMP TABLE rolled_back (x int)")
+    else:
+        make_inerror(conn)
+    pool.putconn(conn)
+    warns = warnings_logged(warnings_log)
+    assert len(warns) == 1
+    assert warns[0].startswith("rolling back returned connection")
+    assert f"[{status}]" in warns[0]
+    with pool.connection() as conn2:
+        assert backend_pid(conn2) == pid  # the same backend, reused
+        assert conn2.info.transaction_status == IDLE
+        if status == "INTRANS":
+            cur = conn2.execute("SELECT to_regclass('pg_temp.rolled_back') IS NULL")
+            assert cur.fetchone() == (True,)
+    assert pool.get_stats().get("returns_bad", 0) == 0
+
+
+def test_return_active(pool: ConnectionPool, warnings_log: pytest.LogCaptureFixture) -> None:
+    conn = pool.getconn()
+    pid = backend_pid(conn)
+    conn.pgconn.send_query(b"SELECT 1")
+    assert conn.info.transaction_status == TransactionStatus.ACTIVE
+    pool.putconn(conn)
+    wait_until(lambda: conn.closed, "the ACTIVE connection to be closed")
+    wait_idle(pool)
+    warns = warnings_logged(warnings_log)
+    assert warns[0].startswith("closing returned connection")
+    assert "[ACTIVE]" in warns[0]
+    assert pool.get_stats()["returns_bad"] == 1
+    with pool.connection() as conn2:
+        assert backend_pid(conn2) != pid
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: no 'discarding closed connection' WARNING after closing an ACTIVE return",
+)
+def test_return_active_logs_bad(
+    pool: ConnectionPool, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    """Trap 14: WARNINGs `ACTIVE` then `BAD`."""
+    conn = pool.getconn()
+    conn.pgconn.send_query(b"SELECT 1")
+    pool.putconn(conn)
+    wait_idle(pool)
+    warns = warnings_logged(warnings_log)
+    assert len(warns) == 2
+    assert "[ACTIVE]" in warns[0]
+    assert warns[1].startswith("discarding closed connection")
+    assert "[BAD]" in warns[1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: no 'discarding closed connection' WARNING after a failed rollback",
+)
+def test_return_with_failing_rollback(
+    dsn: str, pool: ConnectionPool, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    """Trap 14: a failed rollback logs INERROR, the error, BAD (exactly 3 WARNINGs)."""
+    conn = pool.getconn()
+    make_inerror(conn)
+    terminate_backends(dsn, backend_pid(conn))
+    pool.putconn(conn)
+    wait_idle(pool)
+    assert conn.closed
+    assert pool.get_stats()["returns_bad"] == 1
+    warns = warnings_logged(warnings_log)
+    assert len(warns) == 3
+    assert "[INERROR]" in warns[0]
+    assert warns[1].startswith("rollback failed: ")
+    assert "Discarding connection" in warns[1]
+    assert warns[2].startswith("discarding closed connection")
+    assert "[BAD]" in warns[2]
+
+
+def test_return_with_failing_rollback_replaces_the_connection(
+    dsn: str, pool: ConnectionPool, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    conn = pool.getconn()
+    pid = backend_pid(conn)
+    make_inerror(conn)
+    terminate_backends(dsn, pid)
+    pool.putconn(conn)
+    wait_idle(pool)
+    assert conn.closed
+    assert conn._pool is None
+    stats = pool.get_stats()
+    assert stats["returns_bad"] == 1
+    assert stats["pool_size"] == 1
+    warns = warnings_logged(warnings_log)
+    assert "[INERROR]" in warns[0]
+    assert warns[1].startswith("rollback failed: ")
+    assert "Discarding connection" in warns[1]
+    with pool.connection() as conn2:
+        assert backend_pid(conn2) != pid
+
+
+def test_return_closed_connection(
+    pool: ConnectionPool, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    conn = pool.getconn()
+    pid = backend_pid(conn)
+    conn.close()  # close_returns is False: really closed
+    assert conn.closed
+    pool.putconn(conn)
+    warns = warnings_logged(warnings_log)
+    assert len(warns) == 1
+    assert warns[0].startswith("discarding closed connection")
+    assert "[BAD]" in warns[0]
+    assert pool.get_stats()["returns_bad"] == 1
+    wait_idle(pool)
+    with pool.connection() as conn2:
+        assert backend_pid(conn2) != pid
+    assert pool.get_stats()["pool_size"] == 1
+
+
+def test_return_broken_connection(
+    dsn: str, pool: ConnectionPool, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    conn = pool.getconn()
+    terminate_backends(dsn, backend_pid(conn))
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
+    pool.putconn(conn)
+    assert conn.closed
+    warns = warnings_logged(warnings_log)
+    assert len(warns) == 1
+    assert warns[0].startswith("discarding closed connection")
+    assert pool.get_stats()["returns_bad"] == 1
+    wait_idle(pool)
+
+
+def test_connection_block_with_broken_connection(dsn: str, pool: ConnectionPool) -> None:
+    with pytest.raises(psycopg.OperationalError):
+        with pool.connection() as conn:
+            terminate_backends(dsn, backend_pid(conn))
+            conn.execute("SELECT 1")
+    assert conn.closed
+    assert pool.get_stats()["returns_bad"] == 1
+    with pool.connection() as conn2:
+        assert conn2.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_return_after_close_closes_without_stats(dsn: str) -> None:
+    pool: ConnectionPool = ConnectionPool(dsn, min_size=1, open=False)
+    pool.open(wait=True, timeout=5)
+    conn = pool.getconn()
+    make_inerror(conn)
+    pool.close()
+    before = pool.get_stats()
+    pool.putconn(conn)
+    assert conn.closed
+    after = pool.get_stats()
+    assert after.get("returns_bad", 0) == before.get("returns_bad", 0) == 0
+
+
+# ---------------------------------------------------------------------------
+# The reset callback (§3.4 step 4, traps 15 and 18)
+
+
+def test_reset_runs_on_every_return(dsn: str) -> None:
+    resets: list[tuple[int, TransactionStatus]] = []
+
+    def reset(conn: psycopg.Connection[Any]) -> None:
+        resets.append((backend_pid(conn), conn.info.transaction_status))
+        assert conn._pool is None
+        conn.execute("RESET ALL")
+        conn.commit()
+
+    with ConnectionPool(dsn, min_size=1, reset=reset, open=False) as pool:
+        with pool.connection(timeout=5) as conn:
+            pid = backend_pid(conn)
+            conn.execute("SET search_path TO pg_catalog")
+        wait_until(lambda: len(resets) == 1, "the reset")
+        conn = pool.getconn(5)
+        make_inerror(conn)
+        pool.putconn(conn)
+        wait_until(lambda: len(resets) == 2, "the second reset")
+        with pool.connection(timeout=5) as conn:
+            assert backend_pid(conn) == pid
+            assert conn.execute("SHOW search_path").fetchone() != ("pg_catalog",)
+        wait_until(lambda: len(resets) == 3, "the third reset")
+    # reset sees the connection IDLE: after the commit, or after the rollback
+    assert resets == [(pid, IDLE)] * 3
+
+
+def test_putconn_returns_before_reset(dsn: str) -> None:
+    """Trap 18: with `reset`, the worker puts the connection back."""
+    entered = threading.Event()
+    proceed = threading.Event()
+
+    def reset(conn: psycopg.Connection[Any]) -> None:
+        entered.set()
+        proceed.wait(5)
+
+    with ConnectionPool(dsn, min_size=1, reset=reset, open=False) as pool:
+        pool.wait(5)
+        conn = pool.getconn()
+        pool.putconn(conn)  # returns although the reset is blocked
+        assert entered.wait(5)
+        assert pool.get_stats()["pool_available"] == 0
+        proceed.set()
+        wait_idle(pool)
+
+
+@pytest.mark.parametrize("failure", ["raises", "intrans"])
+def test_reset_failure_replaces_the_connection(
+    dsn: str, caplog: pytest.LogCaptureFixture, failure: str
+) -> None:
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
+
+    def reset(conn: psycopg.Connection[Any]) -> None:
+        if failure == "raises":
+            conn.execute("SELECT * FROM no_such_table_for_reset")
+        else:
+            conn.execute("SELECT 1")  # leaves a transaction open
+
+    with ConnectionPool(dsn, min_size=1, reset=reset, open=False) as pool:
+        conn = pool.getconn(5)
+        pid = backend_pid(conn)
+        pool.putconn(conn)
+        wait_until(lambda: conn.closed, "the connection to be closed")
+        wait_idle(pool)
+        assert pool.get_stats()["returns_bad"] == 1
+        warns = warnings_logged(caplog)
+        assert warns[0].startswith("error resetting connection: ")
+        if failure == "raises":
+            assert "no_such_table_for_reset" in warns[0]
+        else:
+            assert "INTRANS" in warns[0]
+        conn = pool.getconn(5)
+        assert backend_pid(conn) != pid
+        conn.close()  # keep the failing reset from running again
+        pool.putconn(conn)
+
+
+def test_reset_not_called_for_closed_connection(dsn: str) -> None:
+    resets: list[int] = []
+
+    def reset(conn: psycopg.Connection[Any]) -> None:
+        resets.append(1)
+
+    with ConnectionPool(dsn, min_size=1, reset=reset, open=False) as pool:
+        conn = pool.getconn(5)
+        conn.close()
+        pool.putconn(conn)
+        wait_idle(pool)
+        assert pool.get_stats()["returns_bad"] == 1
+    assert resets == []
+
+
+# ---------------------------------------------------------------------------
+# close_returns (§3.1, traps 23 and 24)
+
+
+def test_close_returns(dsn: str) -> None:
+    with ConnectionPool(dsn, min_size=1, close_returns=True, open=False) as pool:
+        assert pool.close_returns is True
+        pool.wait(5)
+        conn = pool.getconn()
+        pid = backend_pid(conn)
+        conn.execute("SELECT 1")  # a transaction is open: the return rolls it back
+        conn.close()
+        assert not conn.closed
+        assert conn._pool is None
+        wait_idle(pool)
+        with pool.connection() as conn2:
+            assert conn2 is conn
+            assert backend_pid(conn2) == pid
+        pool.close()
+        assert conn.closed  # the pool's own close does close it (no loop)
+
+
+def test_close_returns_expired_connection_really_closes(dsn: str) -> None:
+    with ConnectionPool(dsn, min_size=1, close_returns=True, max_lifetime=0.2, open=False) as pool:
+        conn = pool.getconn(5)
+        wait_until(lambda: conn._expire_at < time.monotonic(), "the connection to expire")
+        conn.close()
+        # expired: closed for real, without recursion
+        wait_until(lambda: conn.closed, "the expired connection to close")
+        wait_idle(pool)
+        with pool.connection() as conn2:
+            assert conn2 is not conn
+
+
+def test_close_returns_inside_connection_block(dsn: str) -> None:
+    """Trap 24: closing inside `with pool.connection()` returns it; the exit then fails."""
+    with ConnectionPool(dsn, min_size=1, close_returns=True, open=False) as pool:
+        pool.wait(5)
+        with pytest.raises(ValueError, match="doesn't come from any pool"):
+            with pool.connection() as conn:
+                conn.close()
+                assert not conn.closed
+        stats = pool.get_stats()
+        assert stats["pool_size"] == 1
+        # the pool still serves a working connection afterwards
+        with pool.connection() as conn2:
+            assert conn2.execute("SELECT 1").fetchone() == (1,)
