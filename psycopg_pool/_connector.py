@@ -70,7 +70,8 @@ class ConnectAttempt:
                 status = conn.pgconn.transaction_status
                 if status != IDLE:
                     raise ProgrammingError(
-                        f"connection left in status {status.name} by configure function"
+                        f"connection left in status {TransactionStatus(status).name} by"
+                        " configure function"
                         f" {configure}: discarded"
                     )
         except BaseException:

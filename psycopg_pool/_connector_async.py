@@ -68,7 +68,8 @@ class AsyncConnectAttempt:
                 status = conn.pgconn.transaction_status
                 if status != IDLE:
                     raise ProgrammingError(
-                        f"connection left in status {status.name} by configure function"
+                        f"connection left in status {TransactionStatus(status).name} by"
+                        " configure function"
                         f" {configure}: discarded"
                     )
         except BaseException:

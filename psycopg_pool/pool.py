@@ -42,8 +42,9 @@ _INFO = logging.INFO
 
 CT = TypeVar("CT", bound=Connection[Any], default=Connection[Any])
 
-_IDLE = TransactionStatus.IDLE
-_UNKNOWN = TransactionStatus.UNKNOWN
+# Plain ints: comparing with an IntEnum member is measurably slower on the hot path.
+_IDLE = int(TransactionStatus.IDLE)
+_UNKNOWN = int(TransactionStatus.UNKNOWN)
 
 
 class ConnectionPool(PoolMixin, Generic[CT]):
@@ -430,10 +431,6 @@ class ConnectionPool(PoolMixin, Generic[CT]):
 
     def putconn(self, conn: CT) -> None:
         """Give back a connection obtained with `getconn()`."""
-        self._putconn(conn, 0.0)
-
-    def _putconn(self, conn: CT, t0: float) -> None:
-        """putconn(); with `t0`, the time the connection was lent, for `usage_ms`."""
         pool = getattr(conn, "_pool", None)
         if pool is not self:
             self._foreign(conn, pool)
@@ -444,11 +441,8 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         status = conn.pgconn.transaction_status
         if status == _IDLE and self._reset is None:
             core = self._core
-            now = monotonic()
             with self._lock:
-                if t0:
-                    core.add_usage(int(1000.0 * (now - t0)))
-                ticket = core.release(slot, now)
+                ticket = core.release(slot, monotonic())
                 cmds = core.out
                 if cmds:
                     core.out = []
@@ -457,9 +451,6 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             if cmds:
                 self._execute(cmds)
             return
-        if t0:
-            with self._lock:
-                self._core.add_usage(int(1000.0 * (monotonic() - t0)))
         self._putconn_slow(slot, conn, status)
 
     def _foreign(self, conn: Any, pool: Any) -> None:
@@ -474,6 +465,9 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         )
 
     def _putconn_slow(self, slot: Slot, conn: CT, status: int) -> None:
+        if self._core.status != core_state.OPEN:
+            self._discard(slot, None)  # closing it is all there is left to do
+            return
         if status == _UNKNOWN:
             logger.warning("discarding closed connection: %s", conn)
             self._discard(slot, "returns_bad")
@@ -483,7 +477,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             self._discard(slot, None)
             return
         with self._lock:
-            self._core.begin_io(slot)
+            self._core.begin_io(slot, monotonic())
         if self._reset is not None:
             assert self._bg is not None
             self._bg.spawn(self._clean_job, slot, conn, "returns_bad")
@@ -506,7 +500,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             self._release(slot)
             return True
         with self._lock:
-            self._core.begin_io(slot)
+            self._core.begin_io(slot, monotonic())
         if self._bg is not None:
             self._bg.spawn(self._clean_job, slot, conn, counter)
         else:
@@ -522,6 +516,10 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             if ok:
                 self._release(slot)
             else:
+                if counter == "returns_bad":
+                    logger.warning("discarding closed connection: %s", conn)
+                else:
+                    logger.info("discarding closed connection: %s", conn)
                 self._discard(slot, counter)
 
     def _release(self, slot: Slot) -> None:
@@ -676,7 +674,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
 class _ConnectionContext(Generic[CT]):
     """What `pool.connection()` returns: a class, not a generator, for speed."""
 
-    __slots__ = ("_conn", "_pool", "_t0", "_timeout")
+    __slots__ = ("_conn", "_pool", "_timeout")
 
     def __init__(self, pool: ConnectionPool[CT], timeout: float | None) -> None:
         self._pool = pool
@@ -684,7 +682,7 @@ class _ConnectionContext(Generic[CT]):
 
     def __enter__(self) -> CT:
         self._conn = conn = self._pool.getconn(self._timeout)
-        self._t0 = monotonic()
+        conn._pool_slot.lent_at = monotonic()  # type: ignore[attr-defined]
         return conn
 
     def __exit__(
@@ -701,7 +699,7 @@ class _ConnectionContext(Generic[CT]):
             if conn.pgconn.transaction_status != _IDLE:
                 conn.__exit__(exc_type, exc_val, exc_tb)
         finally:
-            pool._putconn(conn, self._t0)
+            pool.putconn(conn)
 
 
 def _housekeeper(wref: weakref.ref[ConnectionPool[Any]], wakeup: Wakeup) -> None:

@@ -40,8 +40,9 @@ _INFO = logging.INFO
 
 ACT = TypeVar("ACT", bound=AsyncConnection[Any], default=AsyncConnection[Any])
 
-_IDLE = TransactionStatus.IDLE
-_UNKNOWN = TransactionStatus.UNKNOWN
+# Plain ints: comparing with an IntEnum member is measurably slower on the hot path.
+_IDLE = int(TransactionStatus.IDLE)
+_UNKNOWN = int(TransactionStatus.UNKNOWN)
 
 
 class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
@@ -428,10 +429,6 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
 
     async def putconn(self, conn: ACT) -> None:
         """Give back a connection obtained with `getconn()`."""
-        await self._putconn(conn, 0.0)
-
-    async def _putconn(self, conn: ACT, t0: float) -> None:
-        """putconn(); with `t0`, the time the connection was lent, for `usage_ms`."""
         pool = getattr(conn, "_pool", None)
         if pool is not self:
             self._foreign(conn, pool)
@@ -442,11 +439,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         status = conn.pgconn.transaction_status
         if status == _IDLE and self._reset is None:
             core = self._core
-            now = monotonic()
             with self._lock:
-                if t0:
-                    core.add_usage(int(1000.0 * (now - t0)))
-                ticket = core.release(slot, now)
+                ticket = core.release(slot, monotonic())
                 cmds = core.out
                 if cmds:
                     core.out = []
@@ -455,9 +449,6 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             if cmds:
                 self._execute(cmds)
             return
-        if t0:
-            with self._lock:
-                self._core.add_usage(int(1000.0 * (monotonic() - t0)))
         await self._putconn_slow(slot, conn, status)
 
     def _foreign(self, conn: Any, pool: Any) -> None:
@@ -472,6 +463,9 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         )
 
     async def _putconn_slow(self, slot: Slot, conn: ACT, status: int) -> None:
+        if self._core.status != core_state.OPEN:
+            self._discard(slot, None)  # closing it is all there is left to do
+            return
         if status == _UNKNOWN:
             logger.warning("discarding closed connection: %s", conn)
             self._discard(slot, "returns_bad")
@@ -481,7 +475,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             self._discard(slot, None)
             return
         with self._lock:
-            self._core.begin_io(slot)
+            self._core.begin_io(slot, monotonic())
         if self._reset is not None:
             assert self._bg is not None
             self._bg.spawn(self._clean_job, slot, conn, "returns_bad")
@@ -504,7 +498,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             self._release(slot)
             return True
         with self._lock:
-            self._core.begin_io(slot)
+            self._core.begin_io(slot, monotonic())
         if self._bg is not None:
             self._bg.spawn(self._clean_job, slot, conn, counter)
         else:
@@ -520,6 +514,10 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             if ok:
                 self._release(slot)
             else:
+                if counter == "returns_bad":
+                    logger.warning("discarding closed connection: %s", conn)
+                else:
+                    logger.info("discarding closed connection: %s", conn)
                 self._discard(slot, counter)
 
     def _release(self, slot: Slot) -> None:
@@ -674,7 +672,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
 class _AsyncConnectionContext(Generic[ACT]):
     """What `pool.connection()` returns: a class, not a generator, for speed."""
 
-    __slots__ = ("_conn", "_pool", "_t0", "_timeout")
+    __slots__ = ("_conn", "_pool", "_timeout")
 
     def __init__(self, pool: AsyncConnectionPool[ACT], timeout: float | None) -> None:
         self._pool = pool
@@ -682,7 +680,7 @@ class _AsyncConnectionContext(Generic[ACT]):
 
     async def __aenter__(self) -> ACT:
         self._conn = conn = await self._pool.getconn(self._timeout)
-        self._t0 = monotonic()
+        conn._pool_slot.lent_at = monotonic()  # type: ignore[attr-defined]
         return conn
 
     async def __aexit__(
@@ -699,7 +697,7 @@ class _AsyncConnectionContext(Generic[ACT]):
             if conn.pgconn.transaction_status != _IDLE:
                 await conn.__aexit__(exc_type, exc_val, exc_tb)
         finally:
-            await pool._putconn(conn, self._t0)
+            await pool.putconn(conn)
 
 
 async def _housekeeper(wref: weakref.ref[AsyncConnectionPool[Any]], wakeup: AsyncWakeup) -> None:

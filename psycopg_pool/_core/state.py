@@ -105,6 +105,7 @@ class Slot:
         "generation",
         "id",
         "inline",
+        "lent_at",
         "probe",
         "started_at",
         "state",
@@ -122,6 +123,8 @@ class Slot:
         self.ticket: Ticket | None = None
         self.inline = False
         self.probe = False
+        # Set by `connection()` when it lends the slot: its time out counts in usage_ms.
+        self.lent_at = 0.0
 
     def __repr__(self) -> str:
         return f"<Slot {self.id} {STATE_NAMES[self.state]}>"
@@ -327,6 +330,18 @@ class PoolCore:
             self.n_busy -= 1
         else:
             self.n_checking -= 1
+        if slot.lent_at:
+            self._usage(slot, now)
+        if slot.generation == self.generation and slot.expire_at > now and not (
+            self.waiting or self.null
+        ):
+            # The common case, inlined: back to the idle deque. (A slot of the current
+            # generation implies an open pool: close() starts a new generation.)
+            slot.state = IDLE
+            self.idle.append(slot)
+            if slot.expire_at < self.sleep_until or self.ready_waiters:
+                self._after_idle(slot)
+            return None
         return self._recycle(slot, now)
 
     def _recycle(self, slot: Slot, now: float) -> Ticket | None:
@@ -342,8 +357,10 @@ class PoolCore:
             return None
         return self._place(slot)
 
-    def begin_io(self, slot: Slot) -> None:
+    def begin_io(self, slot: Slot, now: float) -> None:
         """A returned connection needs rollback/reset before it can be reused."""
+        if slot.lent_at:
+            self._usage(slot, now)
         slot.state = CHECKING
         self.n_busy -= 1
         self.n_checking += 1
@@ -354,6 +371,8 @@ class PoolCore:
             self.n_checking -= 1
         else:
             self.n_busy -= 1
+        if slot.lent_at:
+            self._usage(slot, now)
         if counter == "returns_bad":
             self.returns_bad += 1
         elif counter == "connections_lost":
@@ -361,9 +380,13 @@ class PoolCore:
         self._close(slot)
         self._fill(now)
 
-    def add_usage(self, ms: int) -> None:
-        self.usage_ms += ms
-        self.touched.add("usage_ms")
+    def _usage(self, slot: Slot, now: float) -> None:
+        ms = int(1000.0 * (now - slot.lent_at))
+        slot.lent_at = 0.0
+        if ms:
+            self.usage_ms += ms
+        else:
+            self.touched.add("usage_ms")
 
     # ------------------------------------------------------------------
     # Connection attempts
@@ -602,13 +625,16 @@ class PoolCore:
             self._close(slot)
             return None
         slot.state = IDLE
-        idle = self.idle
-        idle.append(slot)
+        self.idle.append(slot)
+        self._after_idle(slot)
+        return None
+
+    def _after_idle(self, slot: Slot) -> None:
+        """A slot just went idle: maybe wake the housekeeper or `wait()` callers."""
         if slot.expire_at < self.sleep_until:
             self.out.append(Rearm())
-        if self.ready_waiters and len(idle) >= self.min_size:
+        if self.ready_waiters and len(self.idle) >= self.min_size:
             self._wake_ready()
-        return None
 
     def _wake_ready(self) -> None:
         for t in self.ready_waiters:

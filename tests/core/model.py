@@ -198,7 +198,7 @@ class Harness:
     def putconn_dirty(self, slot: Slot) -> None:
         """Returned needing a rollback: goes through CHECKING."""
         self.held.remove(slot)
-        self.core.begin_io(slot)
+        self.core.begin_io(slot, self.now)
         self.run()
         self.checking.append(slot)
 

@@ -342,13 +342,16 @@ def test_null_wait_probes_one_connection() -> None:
 def test_stats_snapshot_and_pop() -> None:
     h = filled(2, min_size=2, max_size=2)
     h.getconn()
-    h.core.add_usage(0)
+    h.now = 5.0  # lent_at 0.0 means "not lent by connection()": real clocks are never 0
+    h.held[0].lent_at = h.now
+    h.putconn(h.held[0])
+    h.getconn()
     stats = snapshot(h.core)
     assert stats["pool_size"] == 2 and stats["pool_available"] == 1
-    assert stats["requests_num"] == 1 and stats["usage_ms"] == 0
+    assert stats["requests_num"] == 2 and stats["usage_ms"] == 0
     assert "returns_bad" not in stats
     popped = snapshot(h.core, reset=True)
-    assert popped["requests_num"] == 1
+    assert popped["requests_num"] == 2
     after = snapshot(h.core)
     assert "requests_num" not in after and "usage_ms" not in after
     assert after["pool_size"] == 2

@@ -356,14 +356,7 @@ def test_configure_runs_once_per_connection(dsn: str) -> None:
     "failure",
     [
         "raises",
-        pytest.param(
-            "intrans",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: configure leaving INTRANS is reported as AttributeError"
-                " \"'int' object has no attribute 'name'\"",
-            ),
-        ),
+        pytest.param("intrans"),
     ],
 )
 def test_configure_failure(dsn: str, caplog: pytest.LogCaptureFixture, failure: str) -> None:

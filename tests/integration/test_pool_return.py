@@ -130,10 +130,6 @@ def test_return_active(pool: ConnectionPool, warnings_log: pytest.LogCaptureFixt
         assert backend_pid(conn2) != pid
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: no 'discarding closed connection' WARNING after closing an ACTIVE return",
-)
 def test_return_active_logs_bad(
     pool: ConnectionPool, warnings_log: pytest.LogCaptureFixture
 ) -> None:
@@ -149,10 +145,6 @@ def test_return_active_logs_bad(
     assert "[BAD]" in warns[1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: no 'discarding closed connection' WARNING after a failed rollback",
-)
 def test_return_with_failing_rollback(
     dsn: str, pool: ConnectionPool, warnings_log: pytest.LogCaptureFixture
 ) -> None:
