@@ -304,3 +304,14 @@ def messages_as_logged(
         for r in caplog.records
         if r.name == logger and r.levelno == level
     ]
+
+
+def pool_stat(pool: Any, key: str) -> int:
+    """One entry of `pool.get_stats()`; 0 for a counter never touched."""
+    value: int = pool.get_stats().get(key, 0)
+    return value
+
+
+async def await_stat(pool: Any, key: str, value: int) -> None:
+    """Wait until the stat `key` of a pool (sync or async) equals `value`."""
+    await await_until(lambda: pool_stat(pool, key) == value, f"{key} == {value}")
