@@ -29,6 +29,7 @@ bash scripts/bootstrap.sh || {
 }
 
 py=.venv/bin/python
+if [ -n "${CI:-}" ]; then export HYPOTHESIS_PROFILE=ci; fi  # core state machine: >= 1,000 examples
 step "ruff check" "$py" -m ruff check .
 step "mypy" "$py" -m mypy
 if [ -f tools/unasync.py ]; then
