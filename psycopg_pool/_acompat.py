@@ -17,6 +17,8 @@ from collections.abc import Callable, Coroutine
 from queue import SimpleQueue
 from typing import Any
 
+from psycopg import AsyncConnection, Connection
+
 from ._core.state import Ticket
 
 logger = logging.getLogger("psycopg.pool")
@@ -302,3 +304,29 @@ _SYNC_OPEN_MSG = (
     " parameter is going to become False: pass open=True or open=False explicitly,"
     " or use 'with {cls}(...) as pool:'"
 )
+
+
+# ----------------------------------------------------------------------
+# close_returns on psycopg < 3.3
+
+
+class AsyncReturningConnection(AsyncConnection[Any]):
+    """An AsyncConnection whose close() gives it back to its pool (`close_returns`)."""
+
+    async def close(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None and pool.close_returns:
+            await pool.putconn(self)
+        else:
+            await super().close()
+
+
+class ReturningConnection(Connection[Any]):
+    """A Connection whose close() gives it back to its pool (`close_returns`)."""
+
+    def close(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None and pool.close_returns:
+            pool.putconn(self)
+        else:
+            super().close()

@@ -8,11 +8,16 @@ thread. Values upstream accepts and that make sense keep working.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from itertools import count
 from typing import Any
 
+import psycopg
+
 _pool_ids = count(1)
+
+# From psycopg 3.3, `Connection.close()` gives a pooled connection back to its pool
+# when the pool has `close_returns` set.
+PSYCOPG_CLOSE_RETURNS = tuple(int(x) for x in psycopg.__version__.split(".")[:2]) >= (3, 3)
 
 
 def pool_name(name: str | None) -> str:
@@ -87,5 +92,3 @@ def check_connection_class(value: object, base: type) -> None:
             f" got {value!r}"
         )
 
-
-Validator = Callable[[str, object], Any]

@@ -29,7 +29,15 @@ from typing_extensions import Self, TypeVar
 
 from . import _config
 from . import _connector as connector
-from ._acompat import Background, PoolMixin, Waiter, Wakeup, resolve, sleep
+from ._acompat import (
+    Background,
+    PoolMixin,
+    ReturningConnection,
+    Waiter,
+    Wakeup,
+    resolve,
+    sleep,
+)
 from ._core import state as core_state
 from ._core.backoff import DELAY_BACKOFF, DELAY_JITTER, INITIAL_DELAY
 from ._core.commands import Close, Command, Connect, Log, Rearm, ReconnectFailed, Wake
@@ -75,6 +83,13 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         num_workers: int = 3,
     ) -> None:
         _config.check_connection_class(connection_class, Connection)
+        if close_returns and not self._null and not _config.PSYCOPG_CLOSE_RETURNS:
+            # psycopg < 3.3 does not ask the pool in close(): use a class that does.
+            if connection_class is not Connection:
+                raise TypeError(
+                    "close_returns=True with a custom connection_class needs psycopg >= 3.3"
+                )
+            connection_class = cast(type[CT], ReturningConnection)
         _config.check_conninfo(conninfo)
         _config.check_kwargs(kwargs)
         min_size, max_size = _config.check_sizes(min_size, max_size, null=self._null)

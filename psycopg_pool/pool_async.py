@@ -27,7 +27,15 @@ from typing_extensions import Self, TypeVar
 
 from . import _config
 from . import _connector_async as connector
-from ._acompat import AsyncBackground, AsyncPoolMixin, AsyncWaiter, AsyncWakeup, aresolve, asleep
+from ._acompat import (
+    AsyncBackground,
+    AsyncPoolMixin,
+    AsyncReturningConnection,
+    AsyncWaiter,
+    AsyncWakeup,
+    aresolve,
+    asleep,
+)
 from ._core import state as core_state
 from ._core.backoff import DELAY_BACKOFF, DELAY_JITTER, INITIAL_DELAY
 from ._core.commands import Close, Command, Connect, Log, Rearm, ReconnectFailed, Wake
@@ -73,6 +81,13 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         num_workers: int = 3,
     ) -> None:
         _config.check_connection_class(connection_class, AsyncConnection)
+        if close_returns and not self._null and not _config.PSYCOPG_CLOSE_RETURNS:
+            # psycopg < 3.3 does not ask the pool in close(): use a class that does.
+            if connection_class is not AsyncConnection:
+                raise TypeError(
+                    "close_returns=True with a custom connection_class needs psycopg >= 3.3"
+                )
+            connection_class = cast(type[ACT], AsyncReturningConnection)
         _config.check_conninfo(conninfo)
         _config.check_kwargs(kwargs)
         min_size, max_size = _config.check_sizes(min_size, max_size, null=self._null)

@@ -38,6 +38,7 @@ WORDS = {
     "AsyncWakeup": "Wakeup",
     "AsyncBackground": "Background",
     "AsyncPoolMixin": "PoolMixin",
+    "AsyncReturningConnection": "ReturningConnection",
     "ACT": "CT",
     "asleep": "sleep",
     "aresolve": "resolve",
