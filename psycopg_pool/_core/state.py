@@ -546,6 +546,9 @@ class PoolCore:
             slot.state = CHECKING
             self.n_checking += 1
             slots.append(slot)
+        if self.backoff.started_at is not None and not self.n_connecting:
+            # An explicit check() is demand: probe now rather than at the next step.
+            self.backoff.retry_at = now
         self._fill(now)
         return slots
 

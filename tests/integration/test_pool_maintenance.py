@@ -10,6 +10,8 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -288,20 +290,34 @@ def test_failed_attempts_back_off(caplog: pytest.LogCaptureFixture) -> None:
     assert "no conninfo today" in warnings_logged(caplog)[0]
 
 
-def test_reconnection_after_giving_up(dsn: str) -> None:
-    """Deliberate difference 4: after reconnect_failed the pool keeps trying."""
+@contextmanager
+def pool_that_gave_up(
+    dsn: str, min_size: int, next_retry: float, max_size: int | None = None
+) -> Iterator[ConnectionPool]:
+    """An open pool whose server was unreachable until it called reconnect_failed.
+
+    When it is yielded, the server is reachable again (its conninfo is fixed) and
+    the pool's next scheduled attempt is about `next_retry` seconds away.
+    """
     fired = threading.Event()
     pool: ConnectionPool = ConnectionPool(
         refused_conninfo(),
-        min_size=2,
+        min_size=min_size,
+        max_size=max_size,
         reconnect_timeout=0.1,
         reconnect_failed=lambda pool: fired.set(),
         open=False,
     )
-    set_backoff(pool, initial=0.05, max_delay=0.1)
+    set_backoff(pool, initial=next_retry / 2, max_delay=next_retry)
     with pool:
         assert fired.wait(5)
         pool.conninfo = dsn  # the server is back
+        yield pool
+
+
+def test_reconnection_after_giving_up(dsn: str) -> None:
+    """Deliberate difference 4: after reconnect_failed the pool keeps trying."""
+    with pool_that_gave_up(dsn, min_size=2, next_retry=0.1) as pool:
         # no client, no check(): the pool refills by itself
         wait_until(lambda: pool.get_stats()["pool_available"] == 2, "the pool to refill")
         assert pool.get_stats()["pool_size"] == 2
@@ -309,18 +325,7 @@ def test_reconnection_after_giving_up(dsn: str) -> None:
 
 def test_demand_reconnects_at_once_after_giving_up(dsn: str) -> None:
     """Trap 9 (with difference 4): a new request does not wait for the long backoff step."""
-    fired = threading.Event()
-    pool: ConnectionPool = ConnectionPool(
-        refused_conninfo(),
-        min_size=1,
-        reconnect_timeout=0.1,
-        reconnect_failed=lambda pool: fired.set(),
-        open=False,
-    )
-    set_backoff(pool, initial=60.0, max_delay=60.0)  # the next scheduled retry is far away
-    with pool:
-        assert fired.wait(5)
-        pool.conninfo = dsn
+    with pool_that_gave_up(dsn, min_size=1, next_retry=60.0) as pool:
         with pool.connection(timeout=5) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
 
@@ -330,35 +335,12 @@ def test_demand_reconnects_at_once_after_giving_up(dsn: str) -> None:
 )
 def test_check_reconnects_at_once_after_giving_up(dsn: str) -> None:
     """check() refills to min_size (trap 8, difference 5) even while backing off."""
-    fired = threading.Event()
-    pool: ConnectionPool = ConnectionPool(
-        refused_conninfo(),
-        min_size=2,
-        max_size=4,
-        reconnect_timeout=0.1,
-        reconnect_failed=lambda pool: fired.set(),
-        open=False,
-    )
-    set_backoff(pool, initial=60.0, max_delay=60.0)
-    with pool:
-        assert fired.wait(5)
-        pool.conninfo = dsn
+    with pool_that_gave_up(dsn, min_size=2, max_size=4, next_retry=60.0) as pool:
         pool.check()
         wait_until(
             lambda: pool.get_stats()["pool_available"] == 2, "the pool to refill", timeout=2.0
         )
         assert pool.get_stats()["pool_size"] == 2
-
-
-def test_server_restart(dsn: str, pg_control: Any) -> None:
-    """The server goes away and comes back: the pool recovers its connections."""
-    with ConnectionPool(dsn, min_size=2, check=ConnectionPool.check_connection, open=False) as pool:
-        set_backoff(pool, initial=0.05, max_delay=0.2)
-        pool.wait(5)
-        pg_control.restart()
-        with pool.connection(timeout=5) as conn:
-            assert conn.execute("SELECT 1").fetchone() == (1,)
-        wait_until(lambda: pool.get_stats()["pool_available"] == 2, "the pool to refill")
 
 
 # ---------------------------------------------------------------------------
