@@ -330,9 +330,6 @@ def test_demand_reconnects_at_once_after_giving_up(dsn: str) -> None:
             assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: check() waits for the backoff schedule instead of refilling"
-)
 def test_check_reconnects_at_once_after_giving_up(dsn: str) -> None:
     """check() refills to min_size (trap 8, difference 5) even while backing off."""
     with pool_that_gave_up(dsn, min_size=2, max_size=4, next_retry=60.0) as pool:
@@ -341,6 +338,17 @@ def test_check_reconnects_at_once_after_giving_up(dsn: str) -> None:
             lambda: pool.get_stats()["pool_available"] == 2, "the pool to refill", timeout=2.0
         )
         assert pool.get_stats()["pool_size"] == 2
+
+
+def test_server_restart(dsn: str, pg_control: Any) -> None:
+    """The server goes away and comes back: the pool recovers its connections."""
+    with ConnectionPool(dsn, min_size=2, check=ConnectionPool.check_connection, open=False) as pool:
+        set_backoff(pool, initial=0.05, max_delay=0.2)
+        pool.wait(5)
+        pg_control.restart()
+        with pool.connection(timeout=5) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        wait_until(lambda: pool.get_stats()["pool_available"] == 2, "the pool to refill")
 
 
 # ---------------------------------------------------------------------------
