@@ -30,6 +30,7 @@ from .helpers import (
     pool_stat,
     refused_conninfo,
     run_async,
+    server_pids,
     terminate_backends,
 )
 
@@ -597,3 +598,125 @@ async def test_putconn_after_close_closes_the_connection(
         assert pool_stat(pool, "returns_bad") == 0
         assert resets == 0
     assert messages_as_logged(caplog) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: after close() + open(), connections still lent by the old pool count"
+    " towards min_size, so the reopened pool opens fewer and open(wait=True) times out",
+)
+@run_async
+async def test_reopen_with_a_connection_still_out(dsn: str) -> None:
+    # A connection lent before close() belongs to the old pool: the reopened one
+    # starts with min_size new connections, and closes the old one when it returns.
+    async with async_pool(dsn, min_size=2) as pool:
+        old = await pool.getconn()
+        await pool.close()
+        await pool.open(wait=True, timeout=1.0)
+        assert pool_stat(pool, "pool_available") == 2
+        await pool.putconn(old)
+        await await_until(lambda: old.closed, "the old connection to close")
+        await await_stat(pool, "pool_available", 2)
+        assert pool_stat(pool, "pool_size") == 2
+
+
+@run_async
+async def test_resize_grows_for_waiting_clients(dsn: str) -> None:
+    async with async_pool(dsn, min_size=1) as pool:
+        held = await pool.getconn()
+        waiters = [asyncio.create_task(pool.getconn()) for _ in range(2)]
+        await await_stat(pool, "requests_waiting", 2)
+        await pool.resize(1, 3)
+        served = await asyncio.gather(*waiters)
+        assert len({backend_pid(c) for c in [held, *served]}) == 3
+        assert pool_stat(pool, "pool_size") == 3
+        for conn in [held, *served]:
+            await pool.putconn(conn)
+        assert pool_stat(pool, "pool_available") == 3
+
+
+class GatedAsyncConnection(AsyncConnection[Any]):
+    """Its `connect()` waits for `gate` and counts the attempts in flight."""
+
+    gate: asyncio.Event
+    in_flight = 0
+    peak = 0
+
+    @classmethod
+    async def connect(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        cls.in_flight += 1
+        cls.peak = max(cls.peak, cls.in_flight)
+        try:
+            await cls.gate.wait()
+            return await super().connect(*args, **kwargs)
+        finally:
+            cls.in_flight -= 1
+
+
+@run_async
+async def test_growth_is_parallel_but_bounded(dsn: str) -> None:
+    # Deliberate difference 1: one attempt per waiting client, up to num_workers at once.
+    class Gated(GatedAsyncConnection):
+        gate = asyncio.Event()
+
+    pool = AsyncConnectionPool(
+        dsn, connection_class=Gated, min_size=0, max_size=6, num_workers=3, open=False
+    )
+    await pool.open()
+    try:
+        clients = [asyncio.create_task(pool.getconn(timeout=5.0)) for _ in range(5)]
+        await await_until(lambda: Gated.in_flight == 3, "3 connection attempts in flight")
+        assert pool_stat(pool, "requests_waiting") == 5
+        Gated.gate.set()
+        conns = await asyncio.gather(*clients)
+        assert Gated.peak == 3
+        assert len({backend_pid(c) for c in conns}) == 5
+        assert pool_stat(pool, "pool_size") == 5
+        for conn in conns:
+            await pool.putconn(conn)
+    finally:
+        await pool.close()
+
+
+@run_async
+async def test_failing_conninfo_callable_backs_off(caplog: pytest.LogCaptureFixture) -> None:
+    calls = 0
+
+    async def conninfo() -> str:
+        nonlocal calls
+        calls += 1
+        raise ValueError("no conninfo today")
+
+    pool = AsyncConnectionPool(conninfo, min_size=1, open=False)
+    await pool.open()
+    with pytest.raises(PoolTimeout):
+        await pool.wait(0.3)
+    assert 1 <= calls <= 2  # backing off, not a busy loop
+    assert any("no conninfo today" in m for m in messages_as_logged(caplog))
+    assert pool_stat(pool, "connections_errors") == 0  # connect() was never reached
+
+
+@run_async
+async def test_expired_idle_connection_replaced_in_the_background(dsn: str) -> None:
+    app = "async-lifetime"
+    async with async_pool(dsn, kwargs={"application_name": app}, max_lifetime=0.2) as pool:
+        first = server_pids(dsn, app)
+        assert len(first) == 1
+        await await_until(
+            lambda: (pids := server_pids(dsn, app)) and not pids & first,
+            "the expired connection to be replaced",
+        )
+        assert pool_stat(pool, "pool_available") == 1
+        assert pool_stat(pool, "pool_size") == 1
+        assert pool_stat(pool, "requests_num") == 0
+
+
+@run_async
+async def test_close_while_wait_is_pending() -> None:
+    pool = AsyncConnectionPool(refused_conninfo(), min_size=1, open=False, name="never ready")
+    await pool.open()
+    waiting = asyncio.create_task(pool.wait(5.0))
+    await asyncio.sleep(0)  # let it start waiting
+    await pool.close()
+    with pytest.raises(PoolClosed, match=r"^the pool 'never ready' is closed$"):
+        await waiting
