@@ -239,8 +239,13 @@ class EmbeddedPostgres:
 
     The cluster is created (initdb) by the constructor and started by `start()` or by
     entering the ``with`` block; `cleanup()` (or leaving the block) stops it and
-    removes every file.
+    removes every file. `create_standby()` makes another instance whose cluster is a
+    streaming-replication copy of this one.
     """
+
+    # Set (before __init__ runs) only by create_standby(): copy this running server
+    # with pg_basebackup instead of running initdb.
+    _standby_of: EmbeddedPostgres | None = None
 
     def __init__(
         self,
@@ -288,7 +293,10 @@ class EmbeddedPostgres:
             self._chown(self.socket_dir)
             if watchdog:
                 self._start_watchdog()
-            self._initdb()
+            if self._standby_of is None:
+                self._initdb()
+            else:
+                self._basebackup(self._standby_of)
         except BaseException:
             self.cleanup()
             raise
@@ -431,6 +439,61 @@ class EmbeddedPostgres:
         self.stop(mode)
         self.start()
 
+    def create_standby(self, *, port: int | None = None, watchdog: bool = True) -> EmbeddedPostgres:
+        """Return a new, stopped instance: a streaming-replication standby of this one.
+
+        This server must be running and let the superuser make replication connections
+        over TCP from 127.0.0.1 (`DEFAULT_HBA` does), with ``wal_level`` ``replica`` or
+        ``logical`` (PostgreSQL's default). The standby's data directory is a
+        ``pg_basebackup -R -X stream`` copy of this cluster, so once started it runs as
+        a hot standby (read-only) streaming WAL from this server's `port`; `promote()`
+        makes it a primary. It gets this instance's bindir, max_connections, settings,
+        pg_hba.conf lines and password, and its own port (`port`, or a free one), folder
+        and watchdog. It is an independent instance: clean it up on its own.
+        """
+        self._check_open()
+        if not self.is_running():
+            raise RuntimeError(f"{self!r} must be running to make a standby of it")
+        standby = EmbeddedPostgres.__new__(EmbeddedPostgres)
+        standby._standby_of = self
+        EmbeddedPostgres.__init__(
+            standby,
+            port=port,
+            bindir=self._bindir,
+            max_connections=self._max_connections,
+            settings=self._settings,
+            hba_lines=self._hba,
+            watchdog=watchdog,
+        )
+        standby._standby_of = None
+        standby._password = self._password  # the role's password came with the copy
+        return standby
+
+    def promote(self, timeout: float = 60.0) -> None:
+        """Make a running standby a primary (``pg_ctl promote``); return once it is one.
+
+        Raise RuntimeError if the server is not running or not a standby.
+        """
+        self._check_open()
+        res = self._run(
+            [
+                self._bin("pg_ctl"),
+                "promote",
+                "-D",
+                self.datadir,
+                "-w",
+                "-s",
+                "-t",
+                str(max(1, math.ceil(timeout))),
+            ],
+            timeout=timeout + 30,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(
+                f"pg_ctl promote failed: {(res.stderr or res.stdout).strip()}\n"
+                f"--- server log tail ---\n{self.log_tail()}"
+            )
+
     def is_running(self) -> bool:
         pid = self._postmaster_pid()
         return pid is not None and _pid_alive(pid)
@@ -572,13 +635,15 @@ class EmbeddedPostgres:
         if self._account is not None:
             os.chown(path, self._account.pw_uid, self._account.pw_gid)
 
-    def _run(self, args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, args: list[str], timeout: float = 60.0, password: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run a server binary, as the server account when we are root."""
         acct = self._account
         return subprocess.run(
             args,
             cwd=self._base,
-            env=_child_env(),
+            env=_child_env(password),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -649,6 +714,37 @@ class EmbeddedPostgres:
             self._write_file("pg_hba.conf", _hba_text(list(DEFAULT_HBA)))
         else:
             self._write_hba()
+
+    def _basebackup(self, source: EmbeddedPostgres) -> None:
+        """Create the data directory as a standby of `source` (see create_standby)."""
+        res = self._run(
+            [
+                self._bin("pg_basebackup"),
+                "-D",
+                self.datadir,
+                "-h",
+                HOST,
+                "-p",
+                str(source.port),
+                "-U",
+                SUPERUSER,
+                "-w",
+                "-R",  # standby.signal + primary_conninfo in postgresql.auto.conf
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+            timeout=300,
+            password=source.password,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"pg_basebackup failed: {res.stderr.strip() or res.stdout.strip()}")
+        # The copy has the source's postgresql.conf (with our include line) and files:
+        # give the standby its own port, socket folder and pg_hba.conf.
+        self._write_conf()
+        self._write_hba()
 
     def _write_file(self, name: str, text: str) -> None:
         path = os.path.join(self.datadir, name)
