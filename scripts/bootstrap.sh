@@ -4,6 +4,7 @@
 #   - PostgreSQL server binaries (apt-get install postgresql; needs root), looked up
 #     like psycopg_pool._embedded_pg.find_pg_bindir: $PG_BINDIR, `pg_config --bindir`,
 #     then the newest /usr/lib/postgresql/*/bin holding initdb and pg_ctl;
+#   - PgBouncer (apt-get install pgbouncer) when no `pgbouncer` binary is found;
 #   - as root, a `postgres` system account (PostgreSQL refuses to run as root);
 #   - .venv (python3 -m venv, Python >= 3.10; $PYTHON picks another interpreter) with
 #     this project installed in it: pip install -e ".[dev,binary]", skipped while
@@ -73,6 +74,8 @@ apt_install() {
 python=${PYTHON:-python3}
 packages=()
 find_pg_bindir >/dev/null || packages+=(postgresql)
+# PgBouncer, for tests/integration/test_pgbouncer.py (Debian installs it in /usr/sbin).
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || packages+=(pgbouncer)
 if [ ! -x .venv/bin/python ]; then
     if ! command -v "$python" >/dev/null 2>&1; then
         [ -z "${PYTHON:-}" ] || die "PYTHON=$PYTHON: no such interpreter"
