@@ -315,3 +315,24 @@ def pool_stat(pool: Any, key: str) -> int:
 async def await_stat(pool: Any, key: str, value: int) -> None:
     """Wait until the stat `key` of a pool (sync or async) equals `value`."""
     await await_until(lambda: pool_stat(pool, key) == value, f"{key} == {value}")
+
+
+class GatedAsyncConnection(psycopg.AsyncConnection[Any]):
+    """Its `connect()` waits for `gate` and counts the attempts in flight (and the peak).
+
+    Subclass it in each test, giving the subclass its own `gate = asyncio.Event()`.
+    """
+
+    gate: asyncio.Event
+    in_flight = 0
+    peak = 0
+
+    @classmethod
+    async def connect(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        cls.in_flight += 1
+        cls.peak = max(cls.peak, cls.in_flight)
+        try:
+            await cls.gate.wait()
+            return await super().connect(*args, **kwargs)
+        finally:
+            cls.in_flight -= 1

@@ -20,6 +20,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 from .helpers import (
+    GatedAsyncConnection,
     afetchval,
     async_pool,
     await_stat,
@@ -633,24 +634,6 @@ async def test_resize_grows_for_waiting_clients(dsn: str) -> None:
         for conn in [held, *served]:
             await pool.putconn(conn)
         assert pool_stat(pool, "pool_available") == 3
-
-
-class GatedAsyncConnection(AsyncConnection[Any]):
-    """Its `connect()` waits for `gate` and counts the attempts in flight."""
-
-    gate: asyncio.Event
-    in_flight = 0
-    peak = 0
-
-    @classmethod
-    async def connect(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        cls.in_flight += 1
-        cls.peak = max(cls.peak, cls.in_flight)
-        try:
-            await cls.gate.wait()
-            return await super().connect(*args, **kwargs)
-        finally:
-            cls.in_flight -= 1
 
 
 @run_async
