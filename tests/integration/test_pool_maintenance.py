@@ -266,6 +266,36 @@ def test_reconnect_failed(caplog: pytest.LogCaptureFixture) -> None:
         assert stats.get("pool_available", 0) == 0
 
 
+def test_failing_reconnect_failed_callback(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A raising callback is logged; the pool goes on working."""
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
+    fired = threading.Event()
+
+    def reconnect_failed(pool: ConnectionPool) -> None:
+        fired.set()
+        raise ZeroDivisionError("callback blew up")
+
+    pool: ConnectionPool = ConnectionPool(
+        refused_conninfo(),
+        min_size=1,
+        reconnect_timeout=0.1,
+        reconnect_failed=reconnect_failed,
+        open=False,
+    )
+    with pool:
+        assert fired.wait(5)
+        wait_until(
+            lambda: any("ZeroDivisionError" in m for m in warnings_logged(caplog)),
+            "the callback failure to be logged",
+        )
+        pool.conninfo = dsn
+        with pool.connection(timeout=5) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    msg = next(m for m in warnings_logged(caplog) if "ZeroDivisionError" in m)
+    assert "callback blew up" in msg
+    assert "failed" in msg
+
+
 def test_failed_attempts_back_off(caplog: pytest.LogCaptureFixture) -> None:
     """Trap 19: a raising conninfo callable runs once per attempt, and attempts back off."""
     caplog.set_level(logging.WARNING, logger="psycopg.pool")

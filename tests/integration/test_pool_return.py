@@ -388,3 +388,53 @@ def test_close_returns_inside_connection_block(dsn: str) -> None:
         # the pool still serves a working connection afterwards
         with pool.connection() as conn2:
             assert conn2.execute("SELECT 1").fetchone() == (1,)
+
+
+# ---------------------------------------------------------------------------
+# Under load
+
+
+def test_mixed_returns_under_load(dsn: str) -> None:
+    """Many threads returning connections in every state: nothing is lost or leaked."""
+    outcomes = ["idle", "intrans", "inerror", "closed", "active"]
+    errors: list[BaseException] = []
+    counts = dict.fromkeys(outcomes, 0)
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        try:
+            for j in range(10):
+                outcome = outcomes[(i + j) % len(outcomes)]
+                conn = pool.getconn(5)
+                if outcome == "intrans":
+                    conn.execute("SELECT 1")
+                elif outcome == "inerror":
+                    make_inerror(conn)
+                elif outcome == "closed":
+                    conn.close()
+                elif outcome == "active":
+                    conn.pgconn.send_query(b"SELECT 1")
+                pool.putconn(conn)
+                with lock:
+                    counts[outcome] += 1
+        except BaseException as ex:
+            errors.append(ex)
+
+    with ConnectionPool(dsn, min_size=2, max_size=5, open=False) as pool:
+        pool.wait(5)
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert errors == []
+        wait_until(
+            lambda: pool.get_stats()["pool_available"] == pool.get_stats()["pool_size"],
+            "every connection back in the pool",
+        )
+        stats = pool.get_stats()
+        assert 2 <= stats["pool_size"] <= 5
+        assert stats["requests_num"] == 100
+        assert stats["returns_bad"] == counts["closed"] + counts["active"] == 40
+        with pool.connection() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
