@@ -703,3 +703,48 @@ async def test_close_while_wait_is_pending() -> None:
     await pool.close()
     with pytest.raises(PoolClosed, match=r"^the pool 'never ready' is closed$"):
         await waiting
+
+
+@run_async
+async def test_configure_leaving_a_transaction(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def configure(conn: AsyncConnection[Any]) -> None:
+        await conn.execute("SELECT 1")
+
+    pool = AsyncConnectionPool(dsn, min_size=1, open=False, configure=configure)
+    with pytest.raises(PoolTimeout):
+        await pool.open(wait=True, timeout=0.3)
+    messages = messages_as_logged(caplog)
+    assert messages[0].startswith("error connecting in ")
+    assert "connection left in status INTRANS by configure function" in messages[0]
+
+
+@run_async
+async def test_close_returns_inside_connection_block(dsn: str) -> None:
+    async with async_pool(dsn, close_returns=True) as pool:
+        with pytest.raises(ValueError, match="it doesn't come from any pool"):
+            async with pool.connection() as conn:
+                await conn.close()  # back to the pool already
+        assert pool_stat(pool, "pool_size") == 1
+        async with pool.connection() as again:
+            assert await afetchval(again, "SELECT 1") == 1
+
+
+@run_async
+async def test_server_restart(pg_control: Any) -> None:
+    async with async_pool(
+        pg_control.dsn, min_size=2, check=AsyncConnectionPool.check_connection
+    ) as pool:
+        conns = [await pool.getconn() for _ in range(2)]
+        old = {backend_pid(c) for c in conns}
+        for conn in conns:
+            await pool.putconn(conn)
+        await asyncio.to_thread(pg_control.stop)
+        client = asyncio.create_task(pool.getconn(timeout=10.0))
+        await await_stat(pool, "requests_waiting", 1)  # both idle ones failed their check
+        await asyncio.to_thread(pg_control.start)
+        conn = await client
+        assert backend_pid(conn) not in old
+        assert await afetchval(conn, "SELECT 1") == 1
+        await pool.putconn(conn)
+        assert pool_stat(pool, "connections_lost") == 2
+        await await_stat(pool, "pool_available", 2)
