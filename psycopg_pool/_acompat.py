@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Coroutine
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import Any
 
 from psycopg import AsyncConnection, Connection
@@ -36,6 +36,18 @@ async def aresolve(value: Any) -> Any:
 
 def resolve(value: Any) -> Any:
     return value
+
+
+def aowner() -> Any:
+    """Who takes a connection, for explanations; asyncio: found later, if needed.
+
+    Asking for the current task costs more than the rest of a checkout on Python
+    < 3.12, so the explanation code searches the tasks' frames instead.
+    """
+    return None
+
+
+owner = threading.get_ident
 
 
 # ----------------------------------------------------------------------
@@ -105,11 +117,25 @@ class Waiter(Ticket):
 
 
 class AsyncWakeup:
-    __slots__ = ("_flag", "_fut")
+    __slots__ = ("_flag", "_fut", "_loop")
 
     def __init__(self) -> None:
         self._flag = False
         self._fut: asyncio.Future[bool] | None = None
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+
+    def set_threadsafe(self) -> None:
+        """set(), from anywhere: another thread, a finalizer, a weakref callback."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self.set)
+        except RuntimeError:  # the loop is closed: nobody to wake
+            pass
 
     def set(self) -> None:
         self._flag = True
@@ -132,17 +158,26 @@ class AsyncWakeup:
 
 
 class Wakeup:
-    __slots__ = ("_event",)
+    """A queue rather than an Event: `SimpleQueue.put()` is safe to call from a
+    weakref callback or finalizer, even one that interrupts the waiting thread."""
+
+    __slots__ = ("_queue",)
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._queue: SimpleQueue[None] = SimpleQueue()
 
     def set(self) -> None:
-        self._event.set()
+        self._queue.put(None)
+
+    set_threadsafe = set
 
     def wait(self, timeout: float | None) -> None:
-        self._event.wait(timeout)
-        self._event.clear()
+        try:
+            self._queue.get(timeout=timeout)
+        except Empty:
+            return
+        while not self._queue.empty():
+            self._queue.get_nowait()
 
 
 # ----------------------------------------------------------------------

@@ -13,7 +13,7 @@ import logging
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
-from psycopg import Connection, ProgrammingError
+from psycopg import Connection, OperationalError, ProgrammingError
 from psycopg.pq import TransactionStatus
 
 from ._acompat import resolve
@@ -79,6 +79,46 @@ class ConnectAttempt:
             close(conn)
             raise
         return conn
+
+
+# Connection failures that retrying cannot fix: credentials, missing database or
+# role, a bad conninfo. libpq gives no SQLSTATE for them, so they are recognised by
+# the server's (English) message; anything unrecognised counts as transient.
+_FATAL_MESSAGES = (
+    "password authentication failed",
+    "no password supplied",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",
+    "invalid connection option",
+    "invalid sslmode value",
+    "missing \"=\" after",
+    "invalid integer value",
+    "permission denied for database",
+    "is not permitted to log in",
+)
+_TRANSIENT_MESSAGES = (
+    "starting up",
+    "shutting down",
+    "too many clients",
+    "remaining connection slots",
+    "connection refused",
+    "timeout expired",
+    "could not connect",
+    "recovery",
+)
+
+
+def is_fatal(ex: BaseException) -> bool:
+    """True if `ex`, raised by a connection attempt, will not go away by retrying."""
+    if isinstance(ex, ProgrammingError):
+        return True  # psycopg's verdict on the conninfo or a configure callback
+    if not isinstance(ex, OperationalError):
+        return False
+    msg = str(ex).lower()
+    if any(m in msg for m in _TRANSIENT_MESSAGES):
+        return False
+    return any(m in msg for m in _FATAL_MESSAGES)
 
 
 def clean(pool: ConnectionPool[Any], conn: Any, status: int) -> bool:

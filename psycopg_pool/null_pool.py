@@ -45,6 +45,7 @@ class NullConnectionPool(ConnectionPool[CT]):
         reconnect_timeout: float = 5 * 60.0,
         reconnect_failed: Callable[[Self], Any] | None = None,
         num_workers: int = 3,
+        leak_timeout: float | None = None,
     ) -> None:
         super().__init__(
             conninfo,
@@ -65,4 +66,5 @@ class NullConnectionPool(ConnectionPool[CT]):
             reconnect_timeout=reconnect_timeout,
             reconnect_failed=reconnect_failed,
             num_workers=num_workers,
+            leak_timeout=leak_timeout,
         )

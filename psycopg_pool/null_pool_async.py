@@ -43,6 +43,7 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
         reconnect_timeout: float = 5 * 60.0,
         reconnect_failed: Callable[[Self], Any] | None = None,
         num_workers: int = 3,
+        leak_timeout: float | None = None,
     ) -> None:
         super().__init__(
             conninfo,
@@ -63,4 +64,5 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
             reconnect_timeout=reconnect_timeout,
             reconnect_failed=reconnect_failed,
             num_workers=num_workers,
+            leak_timeout=leak_timeout,
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from threading import Lock
 from time import monotonic
@@ -33,14 +34,33 @@ from ._acompat import (
     AsyncReturningConnection,
     AsyncWaiter,
     AsyncWakeup,
+    aowner,
     aresolve,
     asleep,
 )
 from ._core import state as core_state
 from ._core.backoff import DELAY_BACKOFF, DELAY_JITTER, INITIAL_DELAY
-from ._core.commands import Close, Command, Connect, Log, Rearm, ReconnectFailed, Wake
+from ._core.commands import (
+    Close,
+    Command,
+    Connect,
+    LeakSuspected,
+    Log,
+    Rearm,
+    ReconnectFailed,
+    Wake,
+)
 from ._core.state import INF, PoolCore, Slot
 from ._core.stats import snapshot
+from ._explain import (
+    capture_stack,
+    describe_owner,
+    error_text,
+    format_stack,
+    init_failure_message,
+    mask,
+    timeout_message,
+)
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
 
 logger = logging.getLogger("psycopg.pool")
@@ -79,6 +99,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         reconnect_timeout: float = 5 * 60.0,
         reconnect_failed: Callable[[Self], Any] | None = None,
         num_workers: int = 3,
+        leak_timeout: float | None = None,
     ) -> None:
         _config.check_connection_class(connection_class, AsyncConnection)
         if close_returns and not self._null and not _config.PSYCOPG_CLOSE_RETURNS:
@@ -126,6 +147,15 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be 0 (unlimited) or more, got {max_waiting}")
         self.timeout = _config.check_seconds("timeout", timeout)
+        # Opt-in leak tracking: where each connection is taken is recorded, and one
+        # held longer than this is reported. Off, it costs nothing on the hot path.
+        if leak_timeout is not None:
+            self._core.leak_timeout = _config.check_seconds(
+                "leak_timeout", leak_timeout, positive=True
+            )
+        self._track = leak_timeout is not None
+        # Slots whose lent connection was garbage-collected without being returned.
+        self._collected: deque[Slot] = deque()
         self._lock = Lock()
         self._bg: AsyncBackground | None = None
         self._wakeup = AsyncWakeup()
@@ -231,9 +261,13 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         Connections in use are closed when they are returned.
         """
         with self._lock:
+            out = [s for s in self._core.live if s.state == core_state.IN_USE]
             if not self._core.close(monotonic()):
                 return
             cmds = self._swap_out()
+        if self._track:
+            for slot in out:
+                self._report_unreturned(slot)
         self._execute(cmds)
         await self._stop_background(timeout)
 
@@ -281,6 +315,13 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             finally:
                 with self._lock:
                     self._core.withdraw_ready(ticket)
+            if ticket.error is not None and ticket.error.kind == core_state.F_CONNECT:
+                with self._lock:
+                    ex = PoolTimeout(init_failure_message(self.name, self._core, monotonic()))
+                await self.close()
+                if isinstance(ticket.error.cause, BaseException):
+                    raise ex from ticket.error.cause
+                raise ex
             if ticket.error is not None:
                 raise PoolClosed(f"the pool {self.name!r} is closed")
             if not woken:
@@ -319,12 +360,25 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 core.out = []
         if cmds:
             self._execute(cmds)
-        if slot is None or self._check is not None:
+        if slot is None or self._check is not None or self._track:
             return await self._getconn_slow(slot, now, timeout)
         conn: ACT = slot.conn
+        # While lent, the client holds the only strong reference (see _adopt()).
+        slot.conn = None
+        slot.holder = aowner()
         conn._pool = self
         if logger.isEnabledFor(_INFO):
             logger.info("connection given by %r", self.name)
+        return conn
+
+    def _lend(self, slot: Slot) -> ACT:
+        """Hand `slot`'s connection to the calling client (the slow path's way)."""
+        conn: ACT = slot.conn
+        slot.conn = None
+        slot.holder = aowner()
+        if self._track:
+            slot.trace = capture_stack()
+        conn._pool = self
         return conn
 
     async def _getconn_slow(self, slot: Slot | None, t0: float, timeout: float | None) -> ACT:
@@ -333,11 +387,11 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         logger.info("connection requested from %r", self.name)
         deadline = t0 + timeout
         failures = 0
+        check_error: Exception | None = None
         while True:
             if slot is None:
-                slot = await self._wait_slot(t0, deadline, timeout)
-            conn: ACT = slot.conn
-            conn._pool = self
+                slot = await self._wait_slot(t0, deadline, timeout, check_error)
+            conn = self._lend(slot)
             check = self._check
             if check is None:
                 logger.info("connection given by %r", self.name)
@@ -345,7 +399,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             try:
                 await check(conn)
             except Exception as ex:
-                logger.info("connection failed check: %s", ex)
+                logger.info("connection failed check: %s", error_text(ex))
+                check_error = ex
                 healthy = self._give_back(slot, conn, "connections_lost")
             except BaseException:
                 self._give_back(slot, conn, "connections_lost")
@@ -362,10 +417,26 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 delay = INITIAL_DELAY * DELAY_BACKOFF ** (failures - 2)
                 delay *= 1.0 + DELAY_JITTER * (2.0 * self._core.rng.random() - 1.0)
                 if delay >= remaining:
-                    raise PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
+                    raise self._timeout_error(timeout, check_error)
                 await asleep(delay)
 
-    async def _wait_slot(self, t0: float, deadline: float, timeout: float) -> Slot:
+    def _timeout_error(self, timeout: float, check_error: Exception | None = None) -> PoolTimeout:
+        with self._lock:
+            msg = timeout_message(self.name, timeout, self._core, monotonic(), check_error)
+        return PoolTimeout(msg)
+
+    def _connect_error(self, ticket: AsyncWaiter, timeout: float) -> PoolTimeout:
+        """Connecting fails for good: say why at once, with the server's error as cause."""
+        assert ticket.error is not None
+        cause = ticket.error.cause
+        ex = self._timeout_error(timeout)
+        if isinstance(cause, BaseException):
+            ex.__cause__ = cause
+        return ex
+
+    async def _wait_slot(
+        self, t0: float, deadline: float, timeout: float, check_error: Exception | None
+    ) -> Slot:
         """The slow path of getconn: queue, or connect inline (null pools)."""
         core = self._core
         ticket = AsyncWaiter()
@@ -377,7 +448,9 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             assert ticket.slot is not None
             return ticket.slot
         if res == core_state.QUEUED:
-            return await self._wait_queued(ticket, t0, deadline, timeout)
+            return await self._wait_queued(ticket, t0, deadline, timeout, check_error)
+        if res == core_state.FAILING:
+            raise self._connect_error(ticket, timeout)
         if res == core_state.INLINE:
             return await self._connect_inline(ticket, deadline)
         if res == core_state.TOO_MANY:
@@ -385,27 +458,35 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 f"the pool {self.name!r} has already {len(core.waiting)} requests waiting"
             )
         if res == core_state.NO_WAIT:
-            raise PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
+            raise self._timeout_error(timeout, check_error)
         self._check_open()
         raise AssertionError(f"unexpected request outcome {res}")
 
     async def _wait_queued(
-        self, ticket: AsyncWaiter, t0: float, deadline: float, timeout: float
+        self,
+        ticket: AsyncWaiter,
+        t0: float,
+        deadline: float,
+        timeout: float,
+        check_error: Exception | None,
     ) -> Slot:
         try:
             woken = await ticket.wait(deadline - monotonic())
             if woken:
+                now = monotonic()
                 with self._lock:
-                    slot = self._core.accept(ticket, int(1000.0 * (monotonic() - t0)))
+                    slot = self._core.accept(ticket, now, int(1000.0 * (now - t0)))
                 if slot is not None:
                     return slot
+                if ticket.error is not None and ticket.error.kind == core_state.F_CONNECT:
+                    raise self._connect_error(ticket, timeout)
                 raise PoolClosed(f"the pool {self.name!r} is closed")
         except BaseException:
             if ticket.tstate != core_state.T_DONE and ticket.tstate != core_state.T_FAILED:
                 self._withdraw(ticket, t0)
             raise
         self._withdraw(ticket, t0)
-        raise PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
+        raise self._timeout_error(timeout, check_error)
 
     def _withdraw(self, ticket: AsyncWaiter, t0: float) -> None:
         now = monotonic()
@@ -448,6 +529,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         if pool is not self:
             self._foreign(conn, pool)
         slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+        slot.conn = conn
         conn._pool = None
         if logger.isEnabledFor(_INFO):
             logger.info("returning connection to %r", self.name)
@@ -485,7 +567,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             logger.warning("discarding closed connection: %s", conn)
             self._discard(slot, "returns_bad")
             return
-        if self._null and self._reset is None and not self._core.waiting:
+        if self._null and not self._core.waiting:
             # Nobody will reuse it: no point in rolling back a connection about to close.
             self._discard(slot, None)
             return
@@ -504,6 +586,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         the connection needs is done in the background. Returns False if the
         connection was found broken.
         """
+        slot.conn = conn
         conn._pool = None
         status = conn.pgconn.transaction_status
         if status == _UNKNOWN:
@@ -643,6 +726,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 self._wakeup.set()
             elif kind is ReconnectFailed:
                 self._spawn(self.reconnect_failed)
+            elif kind is LeakSuspected:
+                self._report_leak(cast(LeakSuspected, cmd).slot)
 
     def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         bg = self._bg
@@ -660,9 +745,10 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         try:
             conn = await attempt.run(self)
         except BaseException as ex:
-            logger.warning("error connecting in %r: %s", self.name, ex)
+            logger.warning("error connecting in %r: %s", self.name, mask(str(ex)))
+            fatal = connector.is_fatal(ex)
             with self._lock:
-                self._core.connect_failed(slot, monotonic(), attempt.connect_failed, ex)
+                self._core.connect_failed(slot, monotonic(), attempt.connect_failed, ex, fatal)
                 cmds = self._swap_out()
             self._execute(cmds)
             if not isinstance(ex, Exception):
@@ -681,7 +767,58 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         self._execute(cmds)
 
     def _adopt(self, slot: Slot, conn: ACT) -> None:
+        """Tie a new connection to its slot.
+
+        The slot refers to the connection only weakly while it is lent out, so a
+        connection a client drops without returning it is garbage-collected; the
+        weak reference's callback then gives the slot back to the pool (see
+        `_reap()`), instead of the capacity being lost for good.
+        """
         conn._pool_slot = slot  # type: ignore[attr-defined]
+        pool_ref = weakref.ref(self)
+
+        def collected(_: object) -> None:
+            pool = pool_ref()
+            if pool is not None:
+                # Only lock-free, reentrant-safe steps here: this may run in the middle
+                # of any code, in any thread, the pool's own lock held or not.
+                pool._collected.append(slot)
+                pool._wakeup.set_threadsafe()
+
+        slot.wref = weakref.ref(conn, collected)
+
+    def _reap(self) -> None:
+        """Take back the slots of lent connections that were garbage-collected."""
+        while self._collected:
+            slot = self._collected.popleft()
+            if slot.state != core_state.IN_USE:
+                continue  # closed by the pool, and dropped afterwards: nothing lost
+            where = f", taken at:\n{format_stack(slot.trace)}" if slot.trace else ""
+            logger.warning(
+                "a connection of pool %r was garbage-collected without being returned%s",
+                self.name,
+                where,
+            )
+            self._discard(slot, "connections_lost")
+
+    def _report_unreturned(self, slot: Slot) -> None:
+        where = f"; taken at:\n{format_stack(slot.trace)}" if slot.trace else ""
+        logger.warning(
+            "pool %r closed while a connection was still out (held by %s)%s",
+            self.name,
+            describe_owner(slot),
+            where,
+        )
+
+    def _report_leak(self, slot: Slot) -> None:
+        where = f"; taken at:\n{format_stack(slot.trace)}" if slot.trace else ""
+        logger.warning(
+            "a connection of pool %r has been out for more than %s sec (held by %s)%s",
+            self.name,
+            self._core.leak_timeout,
+            describe_owner(slot),
+            where,
+        )
 
 
 class _AsyncConnectionContext(Generic[ACT]):
@@ -724,6 +861,8 @@ async def _housekeeper(wref: weakref.ref[AsyncConnectionPool[Any]], wakeup: Asyn
         pool = wref()
         if pool is None or pool._stopping or pool._wakeup is not wakeup:
             return
+        if pool._collected:
+            pool._reap()
         now = monotonic()
         with pool._lock:
             pool._core.tick(now)

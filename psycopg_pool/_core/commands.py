@@ -55,6 +55,18 @@ class Wake(Command):
         return f"Wake({self.ticket!r})"
 
 
+class LeakSuspected(Command):
+    """`slot` has been out longer than `leak_timeout`: warn, with where it was taken."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
+
+    def __repr__(self) -> str:
+        return f"LeakSuspected({self.slot!r})"
+
+
 class ReconnectFailed(Command):
     """Tell the user (`reconnect_failed` callback) that connecting keeps failing."""
 

@@ -46,7 +46,16 @@ from itertools import count
 from typing import Any
 
 from .backoff import Backoff
-from .commands import Close, Command, Connect, Log, Rearm, ReconnectFailed, Wake
+from .commands import (
+    Close,
+    Command,
+    Connect,
+    LeakSuspected,
+    Log,
+    Rearm,
+    ReconnectFailed,
+    Wake,
+)
 
 INF = float("inf")
 
@@ -81,9 +90,11 @@ NO_WAIT = 3  # nothing available and the caller does not want to wait
 TOO_MANY = 4  # the queue is full (`max_waiting`)
 NOT_OPEN = 5  # the pool was never opened
 IS_CLOSED = 6  # the pool was closed
+FAILING = 7  # connecting fails for good and nothing will come back: see `ticket.error`
 
 # Failure kinds written in `Ticket.error`
 F_CLOSED = "closed"
+F_CONNECT = "connect"  # connecting fails for a reason retrying cannot fix
 
 # How often a pool that is failing to connect probes the server while clients are
 # waiting: a refused connection costs next to nothing, and a waiting client should
@@ -101,19 +112,27 @@ class Slot:
     __slots__ = (
         "conn",
         "created_at",
+        "epoch",
         "expire_at",
         "generation",
+        "holder",
         "id",
+        "idle_since",
         "inline",
+        "leak_reported",
         "lent_at",
         "probe",
         "started_at",
         "state",
+        "taken_at",
         "ticket",
+        "trace",
+        "wref",
     )
 
     def __init__(self, started_at: float) -> None:
         self.id = next(_slot_ids)
+        self.epoch = 0
         self.state = CONNECTING
         self.conn: Any = None
         self.generation = -1
@@ -125,6 +144,14 @@ class Slot:
         self.probe = False
         # Set by `connection()` when it lends the slot: its time out counts in usage_ms.
         self.lent_at = 0.0
+        self.taken_at = 0.0  # when a client last got it
+        self.idle_since = 0.0  # when it last went idle
+        # Opaque to the core, kept for the shell's explanations and leak reports: who
+        # holds it, where they took it, and a weak reference to the connection.
+        self.holder: Any = None
+        self.trace: Any = None
+        self.wref: Any = None
+        self.leak_reported = 0.0  # the `taken_at` a leak warning was given for
 
     def __repr__(self) -> str:
         return f"<Slot {self.id} {STATE_NAMES[self.state]}>"
@@ -187,6 +214,10 @@ class PoolCore:
 
         self.status = NEW
         self.generation = 0
+        # Bumped by close(): slots of an earlier opening still out (lent, or being
+        # opened) are real connections but no part of the reopened pool's sizing.
+        self.epoch = 0
+        self.n_old_epoch = 0
         self.idle: deque[Slot] = deque()
         # An insertion-ordered dict is a FIFO queue that also removes from the middle
         # in O(1): a withdrawn ticket leaves the queue at once.
@@ -201,6 +232,9 @@ class PoolCore:
         self.backoff = Backoff(self.rng)
         self.last_failure_at = -INF
         self.last_error: object = None
+        self.fatal = False  # the last attempt failed for a reason retrying cannot fix
+        self.fail_count = 0  # failed attempts in the current streak
+        self.leak_timeout = 0.0  # 0: no leak tracking
         self.shrink_at = INF
         self.min_idle_seen = 0
         self.sleep_until = INF  # the deadline last given to the housekeeper
@@ -231,6 +265,7 @@ class PoolCore:
             slot = idle.popleft()
             if slot.expire_at > now:
                 slot.state = IN_USE
+                slot.taken_at = now
                 self.n_busy += 1
                 if len(idle) < self.min_idle_seen:
                     self.min_idle_seen = len(idle)
@@ -249,6 +284,7 @@ class PoolCore:
             slot = idle.popleft()
             if slot.expire_at > now:
                 slot.state = IN_USE
+                slot.taken_at = now
                 self.n_busy += 1
                 self.min_idle_seen = min(self.min_idle_seen, len(idle))
                 ticket.slot = slot
@@ -268,6 +304,10 @@ class PoolCore:
         if not can_wait:
             self._fill(now)
             return NO_WAIT
+        if self._failing_for_good(now):
+            ticket.tstate = T_FAILED
+            ticket.error = Failure(F_CONNECT, self.last_error)
+            return FAILING
         if self.max_waiting and len(self.waiting) >= self.max_waiting:
             self.requests_errors += 1
             return TOO_MANY
@@ -285,7 +325,7 @@ class PoolCore:
         self._fill(now)
         return QUEUED
 
-    def accept(self, ticket: Ticket, wait_ms: int) -> Slot | None:
+    def accept(self, ticket: Ticket, now: float, wait_ms: int) -> Slot | None:
         """A woken ticket picks up its grant; None if it failed instead."""
         self.requests_wait_ms += wait_ms
         self.touched.add("requests_wait_ms")
@@ -293,6 +333,7 @@ class PoolCore:
             slot = ticket.slot
             assert slot is not None
             slot.state = IN_USE
+            slot.taken_at = now
             slot.ticket = None
             ticket.tstate = T_DONE
             return slot
@@ -338,6 +379,7 @@ class PoolCore:
             # The common case, inlined: back to the idle deque. (A slot of the current
             # generation implies an open pool: close() starts a new generation.)
             slot.state = IDLE
+            slot.idle_since = now
             self.idle.append(slot)
             if slot.expire_at < self.sleep_until or self.ready_waiters:
                 self._after_idle(slot)
@@ -355,7 +397,7 @@ class PoolCore:
             self._log_info("discarding expired connection %s", slot.id)
             self._fill(now)
             return None
-        return self._place(slot)
+        return self._place(slot, now)
 
     def begin_io(self, slot: Slot, now: float) -> None:
         """A returned connection needs rollback/reset before it can be reused."""
@@ -405,7 +447,9 @@ class PoolCore:
         slot.generation = self.generation
         if self.backoff.started_at is not None and not slot.inline:
             self.backoff.succeeded()
-        if self.status != OPEN:
+            self.fail_count = 0
+        self.fatal = False
+        if self.status != OPEN or slot.epoch != self.epoch:
             self._close(slot)
             return None
         if slot.inline:
@@ -418,12 +462,19 @@ class PoolCore:
             return None
         if slot.expire_at < self.sleep_until:
             self.out.append(Rearm())
-        t = self._place(slot)
+        t = self._place(slot, now)
         self._fill(now)
         return t
 
-    def connect_failed(self, slot: Slot, now: float, counted: bool, cause: object) -> None:
-        """An attempt failed; `counted` says whether `connect()` itself failed."""
+    def connect_failed(
+        self, slot: Slot, now: float, counted: bool, cause: object, fatal: bool = False
+    ) -> None:
+        """An attempt failed; `counted` says whether `connect()` itself failed.
+
+        `fatal`: the reason is one that retrying cannot fix (authentication, missing
+        database...). The pool keeps retrying in the background (credentials may be
+        rotated), but clients with nothing else to wait for fail at once.
+        """
         if slot.inline:
             self.n_inline -= 1
         else:
@@ -432,12 +483,18 @@ class PoolCore:
             self.connections_errors += 1
         self.live.discard(slot)
         slot.state = CLOSED
+        if slot.epoch != self.epoch:
+            self.n_old_epoch -= 1
         if slot.probe:
             self.want_probe = True
-        if slot.inline or self.status != OPEN:
-            return
         self.last_failure_at = now
         self.last_error = cause
+        self.fatal = fatal
+        if slot.inline or self.status != OPEN:
+            return
+        self.fail_count += 1
+        if fatal and not (self.n_busy or self.n_checking or self.idle):
+            self._fail_all(Failure(F_CONNECT, cause))
         if self.backoff.failed(slot.started_at, now, self.reconnect_timeout):
             self.out.append(
                 Log(
@@ -460,6 +517,8 @@ class PoolCore:
             return False
         self.status = OPEN
         self.backoff.succeeded()
+        self.fatal = False
+        self.fail_count = 0
         if not self.null:
             self.shrink_at = now + self.max_idle
             self.min_idle_seen = 0
@@ -473,17 +532,9 @@ class PoolCore:
             return False
         self.status = SHUT
         self.generation += 1
+        self.epoch += 1
         closed = Failure(F_CLOSED)
-        for t in self.waiting:
-            t.tstate = T_FAILED
-            t.error = closed
-            self.out.append(Wake(t))
-        self.waiting.clear()
-        for t in self.ready_waiters:
-            t.tstate = T_FAILED
-            t.error = closed
-            self.out.append(Wake(t))
-        self.ready_waiters.clear()
+        self._fail_all(closed)
         for slot in [s for s in self.live if s.state == GRANTED]:
             # Woken but not picked up: the client will find its ticket failed.
             granted = slot.ticket
@@ -499,6 +550,7 @@ class PoolCore:
         self.shrink_at = INF
         self.want_probe = False
         self.backoff.succeeded()
+        self.n_old_epoch = len(self.live)
         return True
 
     def drain(self, now: float) -> None:
@@ -514,7 +566,14 @@ class PoolCore:
         self._fill(now)
 
     def wait_ready(self, ticket: Ticket, now: float) -> bool:
-        """`wait()`: True if the pool is ready now; else the ticket is woken later."""
+        """`wait()`: True if the pool is ready now; else the ticket is woken later.
+
+        If connecting fails for good, the ticket is failed at once (see its `error`).
+        """
+        if self._failing_for_good(now):
+            ticket.tstate = T_FAILED
+            ticket.error = Failure(F_CONNECT, self.last_error)
+            return False
         if self.null:
             self.want_probe = True
             self.ready_waiters.append(ticket)
@@ -581,7 +640,16 @@ class PoolCore:
                     self.max_idle,
                 )
                 self._close(slot)
+        if self.leak_timeout:
+            self._report_leaks(now)
         self._fill(now)
+
+    def _report_leaks(self, now: float) -> None:
+        limit = now - self.leak_timeout
+        for s in self.live:
+            if s.state == IN_USE and s.taken_at <= limit and s.leak_reported != s.taken_at:
+                s.leak_reported = s.taken_at
+                self.out.append(LeakSuspected(s))
 
     def next_deadline(self) -> float:
         """When `tick()` has work to do next (INF: only when told of new facts)."""
@@ -595,6 +663,10 @@ class PoolCore:
         b = self.backoff
         if b.started_at is not None and not self.n_connecting and self._need() > 0:
             d = min(d, b.retry_at)
+        if self.leak_timeout:
+            for s in self.live:
+                if s.state == IN_USE and s.leak_reported != s.taken_at:
+                    d = min(d, s.taken_at + self.leak_timeout)
         self.sleep_until = d
         return d
 
@@ -603,6 +675,7 @@ class PoolCore:
 
     def _new_slot(self, now: float) -> Slot:
         slot = Slot(now)
+        slot.epoch = self.epoch
         self.live.add(slot)
         self.connections_num += 1
         return slot
@@ -610,9 +683,11 @@ class PoolCore:
     def _close(self, slot: Slot) -> None:
         slot.state = CLOSED
         self.live.discard(slot)
+        if slot.epoch != self.epoch:
+            self.n_old_epoch -= 1
         self.out.append(Close(slot))
 
-    def _place(self, slot: Slot) -> Ticket | None:
+    def _place(self, slot: Slot, now: float) -> Ticket | None:
         """Hand a healthy connection to the oldest waiter, or make it idle."""
         waiting = self.waiting
         if waiting:
@@ -628,6 +703,7 @@ class PoolCore:
             self._close(slot)
             return None
         slot.state = IDLE
+        slot.idle_since = now
         self.idle.append(slot)
         self._after_idle(slot)
         return None
@@ -639,6 +715,32 @@ class PoolCore:
         if self.ready_waiters and len(self.idle) >= self.min_size:
             self._wake_ready()
 
+    def _failing_for_good(self, now: float) -> bool:
+        """Connecting just failed for good and no connection can come back to wait for.
+
+        "Just": a client arriving more than DEMAND_PROBE_INTERVAL later queues
+        instead, so that its demand triggers a fresh attempt (maybe with rotated
+        credentials) whose outcome it then gets.
+        """
+        return (
+            self.fatal
+            and not (self.n_busy or self.n_checking or self.idle or self.n_connecting)
+            and now - self.last_failure_at < DEMAND_PROBE_INTERVAL
+        )
+
+    def _fail_all(self, failure: Failure) -> None:
+        """Fail every waiting client and every `wait()` caller."""
+        for t in self.waiting:
+            t.tstate = T_FAILED
+            t.error = failure
+            self.out.append(Wake(t))
+        self.waiting.clear()
+        for t in self.ready_waiters:
+            t.tstate = T_FAILED
+            t.error = failure
+            self.out.append(Wake(t))
+        self.ready_waiters.clear()
+
     def _wake_ready(self) -> None:
         for t in self.ready_waiters:
             t.tstate = T_DONE
@@ -647,14 +749,16 @@ class PoolCore:
 
     def _need(self) -> int:
         """How many more connection attempts the current demand calls for."""
-        n_live = len(self.live)
+        n_live = len(self.live) - self.n_old_epoch
         need = max(
             self.min_size - n_live if not self.null else 0,
             len(self.waiting) - self.n_connecting,
-            1 if self.want_probe and not self.n_connecting else 0,
         )
         if self.max_size:
             need = min(need, self.max_size - n_live)
+        if self.want_probe and not self.n_connecting:
+            # A null pool's wait() probe tests the server: it is not held to max_size.
+            need = max(need, 1)
         return need
 
     def _fill(self, now: float) -> None:

@@ -12,7 +12,15 @@ import random
 from dataclasses import dataclass, field
 
 from psycopg_pool._core import state as st
-from psycopg_pool._core.commands import Close, Connect, Log, Rearm, ReconnectFailed, Wake
+from psycopg_pool._core.commands import (
+    Close,
+    Connect,
+    LeakSuspected,
+    Log,
+    Rearm,
+    ReconnectFailed,
+    Wake,
+)
 from psycopg_pool._core.state import PoolCore, Slot, Ticket
 
 
@@ -44,6 +52,7 @@ class Harness:
     ended: dict[int, str] = field(default_factory=dict)  # ticket n -> outcome
     granted_at: dict[int, float] = field(default_factory=dict)
     reconnect_failed: int = 0
+    leaks: list[Slot] = field(default_factory=list)
     rearms: int = 0
     logs: list[Log] = field(default_factory=list)
     next_ticket: int = 0
@@ -73,8 +82,9 @@ class Harness:
                 assert cmd.slot.state == st.CONNECTING
                 # Bounds: no attempt is started beyond max_size. (After a resize down
                 # the pool may be above it for a while: it shrinks lazily.)
-                if self.core.max_size:
-                    assert len(self.core.live) <= self.core.max_size, "bounds"
+                core = self.core
+                if core.max_size and not cmd.slot.probe:
+                    assert len(core.live) - core.n_old_epoch <= core.max_size, "bounds"
                 self.connecting.append(cmd.slot)
             elif isinstance(cmd, Close):
                 self._closed(cmd.slot)
@@ -86,6 +96,10 @@ class Harness:
                 self.rearms += 1
             elif isinstance(cmd, Log):
                 self.logs.append(cmd)
+            elif isinstance(cmd, LeakSuspected):
+                assert cmd.slot.state == st.IN_USE
+                assert cmd.slot.taken_at + self.core.leak_timeout <= self.now
+                self.leaks.append(cmd.slot)
             else:
                 raise AssertionError(f"unknown command {cmd!r}")
 
@@ -165,7 +179,7 @@ class Harness:
 
     def accept(self, t: T) -> None:
         self.granted.remove(t)
-        slot = self.core.accept(t, 0)
+        slot = self.core.accept(t, self.now, 0)
         self.run()
         if slot is None:
             assert t.tstate == st.T_FAILED
@@ -227,9 +241,9 @@ class Harness:
         if slot.inline and slot.state == st.IN_USE:
             self._hand_out(slot)
 
-    def connect_fail(self, slot: Slot) -> None:
+    def connect_fail(self, slot: Slot, fatal: bool = False) -> None:
         self.connecting.remove(slot)
-        self.core.connect_failed(slot, self.now, True, RuntimeError("boom"))
+        self.core.connect_failed(slot, self.now, True, RuntimeError("boom"), fatal)
         self.run()
         assert slot.state == st.CLOSED
 
@@ -292,6 +306,7 @@ class Harness:
         assert core.n_connecting == by_state[st.CONNECTING] - n_inline
         assert core.n_busy == by_state[st.GRANTED] + by_state[st.IN_USE]
         assert core.n_checking == by_state[st.CHECKING]
+        assert core.n_old_epoch == sum(1 for s in core.live if s.epoch != core.epoch)
         assert not (core.idle and core.waiting), "an idle connection while a client waits"
         assert list(core.waiting) == self.waiting, "queue order"
         assert core.n_connecting <= max(core.num_workers, 1)
@@ -304,7 +319,7 @@ class Harness:
         # Never below min_size, unless connecting is failing or already at full speed.
         if core.status == st.OPEN and not core.null:
             assert (
-                len(core.live) >= core.min_size
+                len(core.live) - core.n_old_epoch >= core.min_size
                 or core.backoff.failing
                 or core.n_connecting >= core.num_workers
             ), "below min_size"

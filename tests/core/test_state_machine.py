@@ -41,10 +41,18 @@ class PoolMachine(RuleBasedStateMachine):
         num_workers=stg.integers(1, 3),
         max_waiting=stg.sampled_from([0, 0, 2]),
         null=stg.booleans(),
+        leaks=stg.booleans(),
         seed=stg.integers(0, 2**16),
     )
     def setup(
-        self, min_size: int, extra: int, num_workers: int, max_waiting: int, null: bool, seed: int
+        self,
+        min_size: int,
+        extra: int,
+        num_workers: int,
+        max_waiting: int,
+        null: bool,
+        leaks: bool,
+        seed: int,
     ) -> None:
         if null:
             min_size, max_size = 0, extra  # 0: unlimited
@@ -61,6 +69,8 @@ class PoolMachine(RuleBasedStateMachine):
             max_idle=7.0,
             reconnect_timeout=10.0,
         )
+        if leaks:
+            self.h.core.leak_timeout = 2.0
         self.h.open()
 
     # -- clients
@@ -98,13 +108,18 @@ class PoolMachine(RuleBasedStateMachine):
     # -- the server
 
     @precondition(lambda self: self.h.connecting)
-    @rule(data=stg.data(), ok=stg.sampled_from([True, True, False]))
-    def connect_done(self, data: stg.DataObject, ok: bool) -> None:
+    @rule(data=stg.data(), how=stg.sampled_from(["ok", "ok", "transient", "fatal"]))
+    def connect_done(self, data: stg.DataObject, how: str) -> None:
         slot = data.draw(stg.sampled_from(self.h.connecting))
-        if ok:
+        if how == "ok":
             self.h.connect_ok(slot)
         else:
-            self.h.connect_fail(slot)
+            self.h.connect_fail(slot, fatal=how == "fatal")
+            core = self.h.core
+            quiet = not (core.n_busy or core.n_checking or core.idle)
+            if how == "fatal" and quiet and not slot.inline and core.status == st.OPEN:
+                # Fail fast: nobody is left waiting for a connection that cannot come.
+                assert not core.waiting and not self.h.ready_waiting
 
     # -- time and administration
 
@@ -132,6 +147,8 @@ class PoolMachine(RuleBasedStateMachine):
         t = self.h.new_ticket()
         if self.h.core.wait_ready(t, self.h.now):
             self.h._end(t, "ready")
+        elif t.tstate == st.T_FAILED:
+            self.h._end(t, "failed")  # connecting fails for good: at once
         else:
             self.h.ready_waiting.append(t)
         self.h.run()

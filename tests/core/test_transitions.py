@@ -277,7 +277,7 @@ def test_close_fails_waiters_and_revokes_grants_then_reopens() -> None:
     h.putconn(h.held[0])  # granted to t1, not picked up yet
     h.close()
     assert t1.tstate == st.T_FAILED and t2.tstate == st.T_FAILED
-    assert h.core.accept(t1, 0) is None
+    assert h.core.accept(t1, h.now, 0) is None
     assert h.core.live == set()
     assert h.core.take(h.now) is None
     assert h.core.request(h.new_ticket(), h.now, True) == st.IS_CLOSED

@@ -240,11 +240,6 @@ async def test_returned_connection_goes_to_a_waiting_client(dsn: str, kind: str)
         await drv.putconn_to_nobody(handed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with a reset callback a null pool rolls back and resets a returned"
-    " connection even when no client waits for it",
-)
 @run_async
 async def test_connection_returned_to_nobody_is_closed_without_reset(
     dsn: str, kind: str, caplog: pytest.LogCaptureFixture
@@ -299,10 +294,10 @@ async def test_closed_connection_returned(dsn: str, kind: str) -> None:
 async def test_getconn_timeout(dsn: str, kind: str) -> None:
     async with null_pool(kind, dsn, max_size=1) as drv:
         conn = await drv.getconn()
-        with pytest.raises(PoolTimeout, match=r"^couldn't get a connection after 0\.20 sec$"):
+        with pytest.raises(PoolTimeout, match=r"^couldn't get a connection after 0\.20 sec: "):
             await drv.getconn(0.2)
         # No idle connection ever: a non-blocking attempt always fails.
-        with pytest.raises(PoolTimeout, match=r"^couldn't get a connection after 0\.00 sec$"):
+        with pytest.raises(PoolTimeout, match=r"^couldn't get a connection after 0\.00 sec: "):
             await drv.getconn(0)
         stats = drv.pool.get_stats()
         assert stats["requests_queued"] == 1
@@ -489,11 +484,6 @@ async def test_drain_affects_connections_passed_between_clients(dsn: str, kind: 
         await drv.putconn_to_nobody(handed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: null pool wait() makes no probe connection while max_size connections"
-    " are lent, so it times out and closes the pool",
-)
 @run_async
 async def test_wait_on_a_busy_pool(dsn: str, kind: str) -> None:
     # wait() checks that a connection can be made; clients using all of max_size

@@ -91,6 +91,8 @@ def test_signature_is_keyword_only_after_conninfo() -> None:
         "reconnect_timeout": 300.0,
         "reconnect_failed": None,
         "num_workers": 3,
+        # Ours only, off by default (see README, issue 4: leak detection).
+        "leak_timeout": None,
     }
 
 

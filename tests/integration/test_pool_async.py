@@ -136,9 +136,9 @@ async def test_connection_commits_or_rolls_back(dsn: str, caplog: pytest.LogCapt
 async def test_getconn_timeout(dsn: str) -> None:
     async with async_pool(dsn, min_size=1, timeout=0.2, max_waiting=1) as pool:
         conn = await pool.getconn()
-        with pytest.raises(PoolTimeout, match=r"^couldn't get a connection after 0\.20 sec$"):
+        with pytest.raises(PoolTimeout, match=r"^couldn't get a connection after 0\.20 sec: "):
             await pool.getconn()
-        with pytest.raises(PoolTimeout, match=r"^couldn't get a connection after 0\.05 sec$"):
+        with pytest.raises(PoolTimeout, match=r"^couldn't get a connection after 0\.05 sec: "):
             await pool.getconn(timeout=0.05)
         stats = pool.get_stats()
         assert stats["requests_queued"] == 2
@@ -162,7 +162,7 @@ async def test_getconn_timeout_zero_is_a_non_blocking_attempt(dsn: str) -> None:
     async with async_pool(dsn, min_size=1, max_size=2) as pool:
         conn = await pool.getconn(timeout=0)
         assert conn._pool is pool
-        with pytest.raises(PoolTimeout, match=r"^couldn't get a connection after 0\.00 sec$"):
+        with pytest.raises(PoolTimeout, match=r"^couldn't get a connection after 0\.00 sec: "):
             await pool.getconn(timeout=0)
         assert pool_stat(pool, "requests_queued") == 0
         assert pool_stat(pool, "requests_waiting") == 0
@@ -601,11 +601,6 @@ async def test_putconn_after_close_closes_the_connection(
     assert messages_as_logged(caplog) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after close() + open(), connections still lent by the old pool count"
-    " towards min_size, so the reopened pool opens fewer and open(wait=True) times out",
-)
 @run_async
 async def test_reopen_with_a_connection_still_out(dsn: str) -> None:
     # A connection lent before close() belongs to the old pool: the reopened one

@@ -1,0 +1,171 @@
+"""Words for failures: why no connection could be had, without leaking secrets.
+
+Upstream's `PoolTimeout` says only how long the client waited. Ours keeps that
+prefix (code may match on it) and adds the reason the pool can see: connecting
+fails (and how), the check callback keeps rejecting connections, or every
+connection is in use (and by whom, for how long). Every text that may carry a
+server or conninfo message goes through `mask()` first.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import traceback
+from collections.abc import Iterable
+from typing import Any
+
+from ._core.state import IN_USE, PoolCore, Slot
+
+_SECRET_KV = re.compile(
+    r"""(?ix)
+    \b(password|passwd|pwd|sslpassword|passfile)(\s*=\s*)
+    ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s'"]+)
+    """
+)
+_SECRET_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*):([^@\s]*)@")
+
+
+def mask(text: str) -> str:
+    """Hide passwords in conninfo strings, URLs and key=value lists."""
+    text = _SECRET_KV.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    return _SECRET_URL.sub(r"\1:***@", text)
+
+
+def error_text(ex: BaseException) -> str:
+    """One line naming an exception, with secrets masked."""
+    msg = " ".join(str(ex).split())
+    return mask(f"{type(ex).__name__}: {msg}" if msg else type(ex).__name__)
+
+
+def timeout_message(
+    name: str, timeout: float, core: PoolCore, now: float, check_error: BaseException | None
+) -> str:
+    """The `PoolTimeout` message: upstream's prefix, then why, then a snapshot."""
+    head = f"couldn't get a connection after {timeout:.2f} sec"
+    return mask(f"{head}: {reason(core, now, check_error)} {state_line(name, core)}")
+
+
+def init_failure_message(name: str, core: PoolCore, now: float) -> str:
+    """The message of `wait()` failing before its timeout: connecting fails for good."""
+    return mask(f"pool initialization failed: {reason(core, now, None)} {state_line(name, core)}")
+
+
+def reason(core: PoolCore, now: float, check_error: BaseException | None) -> str:
+    if core.backoff.failing or core.fatal:
+        since = core.backoff.started_at
+        when = f" in the last {now - since:.1f} sec" if since is not None else ""
+        n = core.fail_count
+        attempts = f"{n} attempt{'s' if n != 1 else ''} failed{when}" if n else "it failed"
+        return (
+            f"connecting to the server fails ({attempts});"
+            f" last error: {describe_cause(core.last_error)}"
+        )
+    if check_error is not None:
+        return f"the check callback rejected the connections: {error_text(check_error)}"
+    busy = [s for s in core.live if s.state == IN_USE]
+    if core.max_size and len(core.live) >= core.max_size and busy:
+        busy.sort(key=lambda s: s.taken_at)
+        holders = "; ".join(describe_holder(s, now) for s in busy[:3])
+        return (
+            f"the pool is exhausted: {len(busy)} of {core.max_size} connections in use,"
+            f" {len(core.waiting)} other clients waiting; held longest by {holders}"
+        )
+    if core.n_connecting:
+        return f"waiting for {core.n_connecting} connection attempts still in progress"
+    return "no connection became available in time"
+
+
+def describe_cause(cause: object) -> str:
+    if isinstance(cause, BaseException):
+        return error_text(cause)
+    return "unknown"
+
+
+def state_line(name: str, core: PoolCore) -> str:
+    counts = core.counts()
+    return (
+        f"[pool {name!r}: size {len(core.live)}/{core.max_size or 'unlimited'},"
+        f" idle {counts[1]}, in use {counts[3] + counts[2]}, connecting {counts[0]},"
+        f" checking {counts[4]}, waiting {len(core.waiting)}]"
+    )
+
+
+def describe_holder(slot: Slot, now: float) -> str:
+    who = describe_owner(slot)
+    text = f"{who} for {now - slot.taken_at:.1f} sec"
+    if slot.trace:
+        text += f" (taken at {where(slot.trace)})"
+    return text
+
+
+def describe_owner(slot: Slot) -> str:
+    owner = slot.holder
+    if isinstance(owner, int):
+        for t in threading.enumerate():
+            if t.ident == owner:
+                return f"thread {t.name!r}"
+        return "a thread that has ended"
+    if owner is not None and hasattr(owner, "get_name"):
+        return f"task {owner.get_name()!r}"
+    conn = slot.wref() if slot.wref is not None else None
+    if conn is not None:
+        found = _find_task_holding(conn)
+        if found:
+            return found
+    return "an unknown client"
+
+
+def _find_task_holding(conn: Any) -> str | None:
+    """Look through the running tasks' frames for one with `conn` in a local variable.
+
+    Only used to explain a failure, so the hot path never pays for knowing who
+    holds what in asyncio (asking for the current task costs more than the
+    rest of a checkout on Python < 3.12).
+    """
+    try:
+        import asyncio
+
+        tasks = asyncio.all_tasks()
+    except RuntimeError:
+        return None
+    for task in tasks:
+        if _frames_hold(_coro_frames(task.get_coro()), conn):
+            return f"task {task.get_name()!r}"
+    return None
+
+
+def _coro_frames(coro: Any) -> Iterable[Any]:
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            yield frame
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+
+
+def _frames_hold(frames: Iterable[Any], conn: Any) -> bool:
+    for frame in frames:
+        try:
+            if any(v is conn for v in frame.f_locals.values()):
+                return True
+        except Exception:
+            continue
+    return False
+
+
+def where(trace: traceback.StackSummary) -> str:
+    """The innermost frame of a stack outside this package, as file:line in function."""
+    for fs in reversed(trace):
+        if "/psycopg_pool/" not in fs.filename and "/contextlib.py" not in fs.filename:
+            return f"{fs.filename}:{fs.lineno} in {fs.name}"
+    return "an unknown place"
+
+
+def capture_stack() -> traceback.StackSummary:
+    return traceback.extract_stack(sys._getframe(2), limit=12)
+
+
+def format_stack(trace: traceback.StackSummary) -> str:
+    frames = [fs for fs in trace if "/psycopg_pool/" not in fs.filename]
+    return "".join(traceback.format_list(frames)).rstrip()
