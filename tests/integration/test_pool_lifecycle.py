@@ -302,6 +302,45 @@ def test_reopen_after_close(dsn: str) -> None:
         pool.close()
 
 
+def test_reopen_with_a_connection_still_out(dsn: str) -> None:
+    """A connection lent before close() belongs to the old life of the pool.
+
+    The reopened pool starts with min_size new connections, and closes the old
+    one when it comes back (a user would not expect the pool to be short of it).
+    """
+    with ConnectionPool(dsn, min_size=2, open=False) as pool:
+        pool.wait(5)
+        old = pool.getconn()
+        pool.close()
+        pool.open(wait=True, timeout=2)
+        assert pool.get_stats()["pool_available"] == 2
+        pool.putconn(old)
+        wait_until(lambda: old.closed, "the old connection to close")
+        wait_until(lambda: pool.get_stats()["pool_available"] == 2, "two idle connections")
+        assert pool.get_stats()["pool_size"] == 2
+
+
+def test_close_while_reset_runs(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
+    entered = threading.Event()
+    proceed = threading.Event()
+
+    def reset(conn: Any) -> None:
+        entered.set()
+        proceed.wait(5)
+
+    pool: ConnectionPool = ConnectionPool(dsn, min_size=1, reset=reset, open=False)
+    pool.open(wait=True, timeout=5)
+    conn = pool.getconn()
+    pool.putconn(conn)
+    assert entered.wait(5)
+    pool.close(timeout=0.05)  # the reset is still running in a worker
+    proceed.set()
+    wait_until(lambda: conn.closed, "the reset connection to be closed, not pooled")
+    assert pool.get_stats()["pool_available"] == 0
+    assert not [m for m in log_messages(caplog, logging.WARNING) if "couldn't stop" not in m]
+
+
 def test_context_manager_reopens_a_closed_pool(dsn: str) -> None:
     pool: ConnectionPool = ConnectionPool(dsn, min_size=1, open=False)
     with pool as entered:
