@@ -185,6 +185,39 @@ def test_password_and_hba_at_construction(no_password_source: str) -> None:
 
 
 @needs_binaries
+def test_standby_and_promote(no_password_source: str) -> None:
+    scram_with_replication = [
+        "local all all scram-sha-256",
+        "local replication all scram-sha-256",
+        "host all all 127.0.0.1/32 scram-sha-256",
+        "host replication all 127.0.0.1/32 scram-sha-256",
+    ]
+    with EmbeddedPostgres(password="pw", hba_lines=scram_with_replication) as primary:
+        primary.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        standby = primary.create_standby()
+        try:
+            assert not standby.is_running()
+            assert standby.port != primary.port
+            assert standby.password == "pw"
+            assert standby.hba_lines == scram_with_replication
+            standby.start()
+            assert standby.execute("SELECT pg_is_in_recovery()") == "t"
+            assert standby.execute("SELECT x FROM t") == "1"  # in the base backup
+            primary.execute("INSERT INTO t VALUES (2)")
+            wait_until(lambda: standby.execute("SELECT count(*) FROM t") == "2", "WAL streaming")
+            with pytest.raises(RuntimeError, match="read-only"):
+                standby.execute("INSERT INTO t VALUES (3)")
+            standby.promote()
+            assert standby.execute("SELECT pg_is_in_recovery()") == "f"
+            standby.execute("INSERT INTO t VALUES (3)")
+            assert select_one(standby.dsn, passfile=no_password_source, password="pw") == 1
+        finally:
+            standby.cleanup()
+        with pytest.raises(RuntimeError, match="promote"):
+            primary.promote()  # not a standby
+
+
+@needs_binaries
 def test_cleanup_removes_everything() -> None:
     with EmbeddedPostgres() as pg:
         assert pg.is_running()
