@@ -38,16 +38,6 @@ def resolve(value: Any) -> Any:
     return value
 
 
-def aowner() -> Any:
-    """Who takes a connection, for explanations; asyncio: found later, if needed.
-
-    Asking for the current task costs more than the rest of a checkout on Python
-    < 3.12, so the explanation code searches the tasks' frames instead.
-    """
-    return None
-
-
-owner = threading.get_ident
 
 
 # ----------------------------------------------------------------------

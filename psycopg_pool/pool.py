@@ -36,7 +36,6 @@ from ._acompat import (
     ReturningConnection,
     Waiter,
     Wakeup,
-    owner,
     resolve,
     sleep,
 )
@@ -156,6 +155,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 "leak_timeout", leak_timeout, positive=True
             )
         self._track = leak_timeout is not None
+        self._slow_lend = self._track or check is not None
         # Slots whose lent connection was garbage-collected without being returned.
         self._collected: deque[Slot] = deque()
         self._lock = Lock()
@@ -362,12 +362,11 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 core.out = []
         if cmds:
             self._execute(cmds)
-        if slot is None or self._check is not None or self._track:
+        if slot is None or self._slow_lend:
             return self._getconn_slow(slot, now, timeout)
         conn: CT = slot.conn
         # While lent, the client holds the only strong reference (see _adopt()).
         slot.conn = None
-        slot.holder = owner()
         conn._pool = self
         if logger.isEnabledFor(_INFO):
             logger.info("connection given by %r", self.name)
@@ -377,7 +376,6 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         """Hand `slot`'s connection to the calling client (the slow path's way)."""
         conn: CT = slot.conn
         slot.conn = None
-        slot.holder = owner()
         if self._track:
             slot.trace = capture_stack()
         conn._pool = self
@@ -834,7 +832,8 @@ class _ConnectionContext(Generic[CT]):
 
     def __enter__(self) -> CT:
         self._conn = conn = self._pool.getconn(self._timeout)
-        conn._pool_slot.lent_at = monotonic()  # type: ignore[attr-defined]
+        slot = conn._pool_slot  # type: ignore[attr-defined]
+        slot.lent_at = slot.taken_at  # usage_ms counts from the checkout
         return conn
 
     def __exit__(

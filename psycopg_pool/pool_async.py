@@ -34,7 +34,6 @@ from ._acompat import (
     AsyncReturningConnection,
     AsyncWaiter,
     AsyncWakeup,
-    aowner,
     aresolve,
     asleep,
 )
@@ -154,6 +153,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 "leak_timeout", leak_timeout, positive=True
             )
         self._track = leak_timeout is not None
+        self._slow_lend = self._track or check is not None
         # Slots whose lent connection was garbage-collected without being returned.
         self._collected: deque[Slot] = deque()
         self._lock = Lock()
@@ -360,12 +360,11 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 core.out = []
         if cmds:
             self._execute(cmds)
-        if slot is None or self._check is not None or self._track:
+        if slot is None or self._slow_lend:
             return await self._getconn_slow(slot, now, timeout)
         conn: ACT = slot.conn
         # While lent, the client holds the only strong reference (see _adopt()).
         slot.conn = None
-        slot.holder = aowner()
         conn._pool = self
         if logger.isEnabledFor(_INFO):
             logger.info("connection given by %r", self.name)
@@ -375,7 +374,6 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         """Hand `slot`'s connection to the calling client (the slow path's way)."""
         conn: ACT = slot.conn
         slot.conn = None
-        slot.holder = aowner()
         if self._track:
             slot.trace = capture_stack()
         conn._pool = self
@@ -832,7 +830,8 @@ class _AsyncConnectionContext(Generic[ACT]):
 
     async def __aenter__(self) -> ACT:
         self._conn = conn = await self._pool.getconn(self._timeout)
-        conn._pool_slot.lent_at = monotonic()  # type: ignore[attr-defined]
+        slot = conn._pool_slot  # type: ignore[attr-defined]
+        slot.lent_at = slot.taken_at  # usage_ms counts from the checkout
         return conn
 
     async def __aexit__(

@@ -42,7 +42,6 @@ WORDS = {
     "ACT": "CT",
     "asleep": "sleep",
     "aresolve": "resolve",
-    "aowner": "owner",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
     "_connector_async": "_connector",

@@ -115,7 +115,6 @@ class Slot:
         "epoch",
         "expire_at",
         "generation",
-        "holder",
         "id",
         "idle_since",
         "inline",
@@ -146,9 +145,8 @@ class Slot:
         self.lent_at = 0.0
         self.taken_at = 0.0  # when a client last got it
         self.idle_since = 0.0  # when it last went idle
-        # Opaque to the core, kept for the shell's explanations and leak reports: who
-        # holds it, where they took it, and a weak reference to the connection.
-        self.holder: Any = None
+        # Opaque to the core, kept for the shell's explanations and leak reports:
+        # where it was taken, and a weak reference to the connection.
         self.trace: Any = None
         self.wref: Any = None
         self.leak_reported = 0.0  # the `taken_at` a leak warning was given for
@@ -454,6 +452,7 @@ class PoolCore:
             return None
         if slot.inline:
             slot.state = IN_USE
+            slot.taken_at = now
             self.n_busy += 1
             return None
         if slot.probe:
