@@ -423,6 +423,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
     def _timeout_error(self, timeout: float, check_error: Exception | None = None) -> PoolTimeout:
         with self._lock:
             msg = timeout_message(self.name, timeout, self._core, monotonic(), check_error)
+            self._core.sample("timeout", timeout)
         return PoolTimeout(msg)
 
     def _connect_error(self, ticket: Waiter, timeout: float) -> PoolTimeout:

@@ -421,6 +421,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
     def _timeout_error(self, timeout: float, check_error: Exception | None = None) -> PoolTimeout:
         with self._lock:
             msg = timeout_message(self.name, timeout, self._core, monotonic(), check_error)
+            self._core.sample("timeout", timeout)
         return PoolTimeout(msg)
 
     def _connect_error(self, ticket: AsyncWaiter, timeout: float) -> PoolTimeout:

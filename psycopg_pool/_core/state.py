@@ -101,6 +101,9 @@ F_CONNECT = "connect"  # connecting fails for a reason retrying cannot fix
 # be served soon after the server is back rather than after a long backoff step.
 DEMAND_PROBE_INTERVAL = 0.2
 
+# A metrics exporter that stops scraping must not make the pool grow without bound.
+MAX_SAMPLES = 100_000
+
 # Lifetime jitter: each connection lives between 95% and 100% of max_lifetime, so
 # connections opened together do not all expire together.
 LIFETIME_JITTER = 0.05
@@ -251,6 +254,9 @@ class PoolCore:
         self.connections_errors = 0
         self.connections_lost = 0
         self.touched: set[str] = set()
+        # Off (None) unless a metrics exporter asks: then (kind, seconds) events for
+        # histograms, kinds "wait", "use", "create" and "timeout", drained by it.
+        self.samples: list[tuple[str, float]] | None = None
 
     # ------------------------------------------------------------------
     # Client side
@@ -325,6 +331,8 @@ class PoolCore:
 
     def accept(self, ticket: Ticket, now: float, wait_ms: int) -> Slot | None:
         """A woken ticket picks up its grant; None if it failed instead."""
+        if self.samples is not None:
+            self.sample("wait", wait_ms / 1000.0)
         self.requests_wait_ms += wait_ms
         self.touched.add("requests_wait_ms")
         if ticket.tstate == T_GRANTED:
@@ -340,6 +348,8 @@ class PoolCore:
 
     def withdraw(self, ticket: Ticket, now: float, wait_ms: int) -> None:
         """The waiting client gave up (timeout, cancellation, interrupt)."""
+        if self.samples is not None:
+            self.sample("wait", wait_ms / 1000.0)
         self.requests_wait_ms += wait_ms
         self.touched.add("requests_wait_ms")
         self.requests_errors += 1
@@ -420,7 +430,15 @@ class PoolCore:
         self._close(slot)
         self._fill(now)
 
+    def sample(self, kind: str, seconds: float) -> None:
+        """Record an event for the metrics exporter, if one listens."""
+        samples = self.samples
+        if samples is not None and len(samples) < MAX_SAMPLES:
+            samples.append((kind, seconds))
+
     def _usage(self, slot: Slot, now: float) -> None:
+        if self.samples is not None:
+            self.sample("use", now - slot.lent_at)
         ms = int(1000.0 * (now - slot.lent_at))
         slot.lent_at = 0.0
         if ms:
@@ -439,6 +457,8 @@ class PoolCore:
             self.n_connecting -= 1
         self.connections_ms += ms
         self.touched.add("connections_ms")
+        if self.samples is not None:
+            self.sample("create", ms / 1000.0)
         slot.conn = conn
         slot.created_at = now
         slot.expire_at = now + self.max_lifetime * (1.0 - LIFETIME_JITTER * self.rng.random())
