@@ -336,3 +336,54 @@ class GatedAsyncConnection(psycopg.AsyncConnection[Any]):
             return await super().connect(*args, **kwargs)
         finally:
             cls.in_flight -= 1
+
+
+def release_all(hold: threading.Event, clients: list[PoolClient]) -> None:
+    """Let holding clients give their connections back; all must have succeeded."""
+    hold.set()
+    for c in clients:
+        c.join()
+        assert c.error is None, f"a client failed: {c.error!r}"
+
+
+def set_backoff(pool: Any, initial: float, max_delay: float) -> None:
+    """Tune the reconnection schedule of a pool (as upstream's tests patch theirs).
+
+    These are private knobs: the defaults (1 s doubling, 10 s cap) make tests slow.
+    """
+    backoff = pool._core.backoff
+    backoff.initial_delay = initial
+    backoff.max_delay = max_delay
+
+
+@contextmanager
+def pool_after_giving_up(
+    conninfo: Any,
+    on_failed: Callable[[Any], object] | None = None,
+    backoff: tuple[float, float] | None = None,
+    **kwargs: Any,
+) -> Iterator[Any]:
+    """An open `ConnectionPool` that failed to connect until it called reconnect_failed.
+
+    `reconnect_timeout` defaults to 0.1 s and `min_size` to 1. `on_failed(pool)` runs
+    inside the reconnect_failed callback (it may raise); `backoff` is
+    `(initial, max_delay)` for `set_backoff()`. The pool is closed at exit.
+    """
+    from psycopg_pool import ConnectionPool
+
+    fired = threading.Event()
+
+    def reconnect_failed(pool: Any) -> None:
+        fired.set()
+        if on_failed is not None:
+            on_failed(pool)
+
+    kwargs.setdefault("reconnect_timeout", 0.1)
+    kwargs.setdefault("min_size", 1)
+    pool: Any = ConnectionPool(conninfo, reconnect_failed=reconnect_failed, open=False, **kwargs)
+    if backoff is not None:
+        set_backoff(pool, *backoff)
+    with pool:
+        if not fired.wait(5.0):
+            pytest.fail("reconnect_failed was not called")
+        yield pool

@@ -23,6 +23,7 @@ from .helpers import (
     PoolClient,
     backend_pid,
     log_messages,
+    release_all,
     terminate_backends,
     wait_until,
 )
@@ -248,10 +249,7 @@ def test_max_waiting(dsn: str) -> None:
         pool.max_waiting = 0  # writable: unlimited
         third = PoolClient(pool, timeout=5).start()
         wait_until(lambda: pool.get_stats()["requests_waiting"] == 3, "a third queued client")
-        hold.set()
-        for c in [holder, *waiters, third]:
-            c.join()
-            assert c.error is None
+        release_all(hold, [holder, *waiters, third])
 
 
 # ---------------------------------------------------------------------------
@@ -297,10 +295,7 @@ def test_growth_is_parallel_and_bounded(dsn: str) -> None:
         stats = pool.get_stats()
         assert stats["pool_size"] == 5
         assert stats["requests_waiting"] == 3
-        hold.set()
-        for c in clients:
-            c.join()
-            assert c.error is None
+        release_all(hold, clients)
         assert gate.attempts == 5
 
 
@@ -336,10 +331,7 @@ def test_gauges_mid_burst(dsn: str) -> None:
         assert stats["pool_size"] == 4
         assert stats["requests_waiting"] == 3
         assert stats["pool_available"] == 0
-        hold.set()
-        for c in clients:
-            c.join()
-            assert c.error is None
+        release_all(hold, clients)
 
 
 # ---------------------------------------------------------------------------

@@ -255,9 +255,7 @@ def test_creation_completing_after_close_is_closed(dsn: str) -> None:
     assert pool.get_stats()["pool_available"] == 0
 
 
-def test_close_warns_about_threads_not_stopping(
-    dsn: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_close_warns_about_threads_not_stopping(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="psycopg.pool")
     gate = ConnectGate()
     pool: ConnectionPool = ConnectionPool(

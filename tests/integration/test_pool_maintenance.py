@@ -24,22 +24,15 @@ from .helpers import (
     PoolClient,
     backend_pid,
     log_messages,
+    pool_after_giving_up,
     refused_conninfo,
+    release_all,
     server_pids,
+    set_backoff,
     terminate_backends,
     wait_until,
     warnings_logged,
 )
-
-
-def set_backoff(pool: ConnectionPool, initial: float, max_delay: float) -> None:
-    """Tune the reconnection schedule of a pool (as upstream's tests patch theirs).
-
-    These are private knobs: the defaults (1 s doubling, 10 s cap) make tests slow.
-    """
-    backoff = pool._core.backoff
-    backoff.initial_delay = initial
-    backoff.max_delay = max_delay
 
 
 def shrink_sizes(caplog: pytest.LogCaptureFixture) -> list[int]:
@@ -90,9 +83,7 @@ def test_no_shrink_while_connections_are_used(dsn: str) -> None:
         wait_until(lambda: all(c.got.is_set() for c in clients), "both clients served")
         samples = observe(pool, 0.35)
         assert {s["pool_size"] for s in samples} == {2}
-        hold.set()
-        for c in clients:
-            c.join()
+        release_all(hold, clients)
 
 
 def test_max_idle_is_writable(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -238,22 +229,9 @@ def test_max_lifetime_read_at_creation(dsn: str) -> None:
 def test_reconnect_failed(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="psycopg.pool")
     called: list[Any] = []
-    fired = threading.Event()
-
-    def reconnect_failed(pool: ConnectionPool) -> None:
-        called.append(pool)
-        fired.set()
-
-    pool: ConnectionPool = ConnectionPool(
-        refused_conninfo(),
-        min_size=1,
-        reconnect_timeout=0.2,
-        reconnect_failed=reconnect_failed,
-        open=False,
-        name="unreachable",
-    )
-    with pool:
-        assert fired.wait(5)
+    with pool_after_giving_up(
+        refused_conninfo(), on_failed=called.append, reconnect_timeout=0.2, name="unreachable"
+    ) as pool:
         assert called == [pool]
         warns = warnings_logged(caplog)
         assert warns[0].startswith("error connecting in 'unreachable': ")
@@ -269,21 +247,11 @@ def test_reconnect_failed(caplog: pytest.LogCaptureFixture) -> None:
 def test_failing_reconnect_failed_callback(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     """A raising callback is logged; the pool goes on working."""
     caplog.set_level(logging.WARNING, logger="psycopg.pool")
-    fired = threading.Event()
 
     def reconnect_failed(pool: ConnectionPool) -> None:
-        fired.set()
         raise ZeroDivisionError("callback blew up")
 
-    pool: ConnectionPool = ConnectionPool(
-        refused_conninfo(),
-        min_size=1,
-        reconnect_timeout=0.1,
-        reconnect_failed=reconnect_failed,
-        open=False,
-    )
-    with pool:
-        assert fired.wait(5)
+    with pool_after_giving_up(refused_conninfo(), on_failed=reconnect_failed) as pool:
         wait_until(
             lambda: any("ZeroDivisionError" in m for m in warnings_logged(caplog)),
             "the callback failure to be logged",
@@ -329,18 +297,12 @@ def pool_that_gave_up(
     When it is yielded, the server is reachable again (its conninfo is fixed) and
     the pool's next scheduled attempt is about `next_retry` seconds away.
     """
-    fired = threading.Event()
-    pool: ConnectionPool = ConnectionPool(
+    with pool_after_giving_up(
         refused_conninfo(),
+        backoff=(next_retry / 2, next_retry),
         min_size=min_size,
         max_size=max_size,
-        reconnect_timeout=0.1,
-        reconnect_failed=lambda pool: fired.set(),
-        open=False,
-    )
-    set_backoff(pool, initial=next_retry / 2, max_delay=next_retry)
-    with pool:
-        assert fired.wait(5)
+    ) as pool:
         pool.conninfo = dsn  # the server is back
         yield pool
 

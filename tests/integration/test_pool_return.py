@@ -150,25 +150,6 @@ def test_return_with_failing_rollback(
 ) -> None:
     """Trap 14: a failed rollback logs INERROR, the error, BAD (exactly 3 WARNINGs)."""
     conn = pool.getconn()
-    make_inerror(conn)
-    terminate_backends(dsn, backend_pid(conn))
-    pool.putconn(conn)
-    wait_idle(pool)
-    assert conn.closed
-    assert pool.get_stats()["returns_bad"] == 1
-    warns = warnings_logged(warnings_log)
-    assert len(warns) == 3
-    assert "[INERROR]" in warns[0]
-    assert warns[1].startswith("rollback failed: ")
-    assert "Discarding connection" in warns[1]
-    assert warns[2].startswith("discarding closed connection")
-    assert "[BAD]" in warns[2]
-
-
-def test_return_with_failing_rollback_replaces_the_connection(
-    dsn: str, pool: ConnectionPool, warnings_log: pytest.LogCaptureFixture
-) -> None:
-    conn = pool.getconn()
     pid = backend_pid(conn)
     make_inerror(conn)
     terminate_backends(dsn, pid)
@@ -180,9 +161,12 @@ def test_return_with_failing_rollback_replaces_the_connection(
     assert stats["returns_bad"] == 1
     assert stats["pool_size"] == 1
     warns = warnings_logged(warnings_log)
+    assert len(warns) == 3
     assert "[INERROR]" in warns[0]
     assert warns[1].startswith("rollback failed: ")
     assert "Discarding connection" in warns[1]
+    assert warns[2].startswith("discarding closed connection")
+    assert "[BAD]" in warns[2]
     with pool.connection() as conn2:
         assert backend_pid(conn2) != pid
 

@@ -11,21 +11,20 @@ import pytest
 
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from .helpers import PoolClient, backend_pid, refused_conninfo, terminate_backends, wait_until
+from .helpers import (
+    PoolClient,
+    backend_pid,
+    pool_after_giving_up,
+    refused_conninfo,
+    release_all,
+    terminate_backends,
+    wait_until,
+)
 
 GAUGES = {"pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting"}
-COUNTERS = {
-    "requests_num",
-    "requests_queued",
-    "requests_wait_ms",
-    "requests_errors",
-    "usage_ms",
-    "returns_bad",
-    "connections_num",
-    "connections_ms",
-    "connections_errors",
-    "connections_lost",
-}
+COUNTERS = {f"requests_{k}" for k in ("num", "queued", "wait_ms", "errors")}
+COUNTERS |= {"usage_ms", "returns_bad"}
+COUNTERS |= {f"connections_{k}" for k in ("num", "ms", "errors", "lost")}
 
 
 def test_gauges_before_open() -> None:
@@ -107,10 +106,7 @@ def test_request_counters(dsn: str) -> None:
         impatient.join()
         assert isinstance(impatient.error, PoolTimeout)
         wait_until(lambda: pool.get_stats()["requests_waiting"] == 3, "three waiters")
-        hold.set()
-        for c in holders + waiters:
-            c.join()
-            assert c.error is None
+        release_all(hold, holders + waiters)
         stats = pool.get_stats()
     assert stats["requests_num"] == 7
     assert stats["requests_queued"] == 4
@@ -157,35 +153,19 @@ def test_connection_counters(dsn: str) -> None:
 
 
 def test_connections_errors_count_connect_failures_only() -> None:
-    conninfo_calls: list[int] = []
-    failed = threading.Event()
-
-    def bad_conninfo() -> str:
-        conninfo_calls.append(1)
-        raise RuntimeError("not a connect() failure")
-
-    with ConnectionPool(
-        refused_conninfo(),
-        min_size=1,
-        reconnect_timeout=0.1,
-        reconnect_failed=lambda pool: failed.set(),
-        open=False,
-    ) as pool:
-        assert failed.wait(5)
+    with pool_after_giving_up(refused_conninfo()) as pool:
         stats = pool.get_stats()
         assert stats["connections_errors"] >= 1
         assert stats["connections_num"] == stats["connections_errors"]
         assert "connections_ms" not in stats
 
-    failed.clear()
-    with ConnectionPool(
-        bad_conninfo,
-        min_size=1,
-        reconnect_timeout=0.1,
-        reconnect_failed=lambda pool: failed.set(),
-        open=False,
-    ) as pool:
-        assert failed.wait(5)
+    conninfo_calls: list[int] = []
+
+    def bad_conninfo() -> str:
+        conninfo_calls.append(1)
+        raise RuntimeError("not a connect() failure")
+
+    with pool_after_giving_up(bad_conninfo) as pool:
         stats = pool.get_stats()
         assert stats["connections_num"] == len(conninfo_calls) >= 1
         assert stats.get("connections_errors", 0) == 0
