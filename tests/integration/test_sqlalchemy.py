@@ -28,13 +28,14 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from .helpers import run_async, running_threads
+from .helpers import run_async, running_threads, terminate_backends, wait_until
 
 
 class Base(DeclarativeBase):
@@ -146,6 +147,35 @@ def test_orm_round_trip_from_threads(pool: ConnectionPool, engine: Engine) -> No
         assert session.scalar(select(func.sum(Item.qty))) == 6 * sum(range(5)) + 30 * 100
     # Each session used one connection per transaction (two per loop: 6 x 5 x 2), +1.
     assert_all_back(pool, before + 61)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: close() of a broken connection never reaches putconn() with close_returns:"
+    " psycopg's Connection.close() returns early when the connection is already closed,"
+    " so the pool counts it as checked out forever and loses that capacity",
+)
+def test_disconnect_is_invalidated_and_replaced(
+    dsn: str, pool: ConnectionPool, engine: Engine
+) -> None:
+    """A server-side disconnect: SQLAlchemy invalidates the connection (it calls
+    close(), which should hand the broken connection back), our pool discards and
+    replaces it, and the next checkout works."""
+    with engine.connect() as conn:
+        dbapi_conn: Any = conn.connection.dbapi_connection
+        terminate_backends(dsn, dbapi_conn.info.backend_pid)
+        with pytest.raises(DBAPIError) as excinfo:
+            conn.execute(text("SELECT 1"))
+        assert excinfo.value.connection_invalidated
+    assert dbapi_conn.closed
+    wait_until(
+        lambda: pool.get_stats()["pool_available"] == pool.get_stats()["pool_size"] == 2,
+        "the broken connection to be replaced",
+        timeout=2,
+    )
+    assert pool.get_stats()["returns_bad"] == 1
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar_one() == 1
 
 
 @run_async
