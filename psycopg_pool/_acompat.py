@@ -291,6 +291,11 @@ class AsyncPoolMixin:
 
     _open_implicit: bool
 
+    def _restart_after_fork(self) -> None:
+        # The event loop cannot be shared with the parent (its epoll set is): the
+        # pool stays closed in the child until it is opened in a loop of its own.
+        pass
+
     def _ctor_open_warning(self, open: bool | None) -> None:
         if open:
             warnings.warn(_ASYNC_OPEN_MSG.format(cls=type(self).__name__), RuntimeWarning, 3)
@@ -306,6 +311,11 @@ class PoolMixin:
     _open_implicit: bool
 
     def _stop_background(self, timeout: float) -> None: ...
+
+    def _open_now(self) -> None: ...
+
+    def _restart_after_fork(self) -> None:
+        self._open_now()
 
     def _ctor_open_warning(self, open: bool | None) -> None:
         pass

@@ -15,6 +15,7 @@ released; all I/O goes through `_connector`.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -164,6 +165,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         self._stopping = False
         self._open_implicit = False
 
+        _live_pools.add(self)
         if open is None:
             self._open_implicit = True
             self._open_now()
@@ -528,7 +530,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         """Give back a connection obtained with `getconn()`."""
         pool = getattr(conn, "_pool", None)
         if pool is not self:
-            self._foreign(conn, pool)
+            return self._foreign(conn, pool)
         slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
         slot.conn = conn
         conn._pool = None
@@ -550,6 +552,11 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         self._putconn_slow(slot, conn, status)
 
     def _foreign(self, conn: Any, pool: Any) -> None:
+        if pool is _FORKED:
+            # Taken before this process was forked: the connection belongs to the
+            # parent, its socket here is a dead end (see _after_fork). Drop it quietly.
+            conn._pool = None
+            return
         if pool is None:
             raise ValueError(
                 f"can't return connection to pool {self.name!r}, it doesn't come from any pool:"
@@ -820,6 +827,70 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             describe_owner(slot),
             where,
         )
+
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's connections, start afresh.
+
+        The parent's connections are not closed (that would end them for the parent
+        too): each socket is replaced by /dev/null in this process, so a child that
+        still uses one gets an error instead of reading the parent's replies, and
+        its eventual close() tells the server nothing.
+        """
+        old = self._core
+        for slot in list(old.live):
+            conn = slot.conn if slot.conn is not None else slot.wref and slot.wref()
+            if conn is not None:
+                _detach_socket(conn)
+                if conn._pool is self:
+                    conn._pool = _FORKED
+        core = PoolCore(
+            min_size=old.min_size,
+            max_size=old.max_size,
+            num_workers=old.num_workers,
+            max_waiting=old.max_waiting,
+            max_lifetime=old.max_lifetime,
+            max_idle=old.max_idle,
+            reconnect_timeout=old.reconnect_timeout,
+            null=old.null,
+            name=old.name,
+        )
+        core.leak_timeout = old.leak_timeout
+        self._core = core
+        self._lock = Lock()  # the parent's may have been held by a thread not copied here
+        self._collected.clear()
+        self._bg = None
+        self._wakeup = Wakeup()
+        if old.status == core_state.OPEN:
+            self._restart_after_fork()
+
+
+_FORKED = "a pool of the parent process"
+_live_pools: weakref.WeakSet[ConnectionPool[Any]] = weakref.WeakSet()
+
+
+def _detach_socket(conn: Any) -> None:
+    try:
+        fd = conn.pgconn.socket
+    except Exception:
+        return  # closed already
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+    except OSError:
+        pass
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_live_pools):
+        pool._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _ConnectionContext(Generic[CT]):

@@ -1,0 +1,115 @@
+"""A pool used before fork() keeps working in the child, and the parent is untouched."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from typing import Any
+
+import psycopg
+import pytest
+
+from psycopg_pool import ConnectionPool
+
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()"),
+    # Python >= 3.12 warns about forking a process with threads: forking with a pool's
+    # threads running is exactly the situation under test.
+    pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning"),
+]
+
+
+def backend_pid(pool: ConnectionPool[Any]) -> int:
+    with pool.connection(timeout=5) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def run_in_child(fn: Any) -> int:
+    """Run fn() in a forked child; return its exit status (fn's int, 99 on error)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 99
+        try:
+            code = fn()
+        except BaseException as ex:
+            print(f"child failed: {type(ex).__name__}: {ex}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_child_gets_fresh_connections_and_parent_keeps_its_own(dsn: str) -> None:
+    with ConnectionPool(dsn, min_size=2, open=True) as pool:
+        pool.wait(5)
+        parent_pids = {backend_pid(pool), backend_pid(pool)}
+
+        def child() -> int:
+            pids = {backend_pid(pool) for _ in range(4)}
+            # New backends, never the parent's: their sockets are not used here.
+            return 0 if pids and not (pids & parent_pids) else 1
+
+        assert run_in_child(child) == 0
+        # The parent's connections still work and are the same backends.
+        assert {backend_pid(pool) for _ in range(4)} <= parent_pids
+        assert pool.get_stats()["pool_size"] == 2
+
+
+def test_connection_held_across_fork_fails_in_child_not_in_parent(dsn: str) -> None:
+    with ConnectionPool(dsn, min_size=1, open=True) as pool:
+        pool.wait(5)
+        with pool.connection() as held:
+            held_pid = held.execute("SELECT pg_backend_pid()").fetchone()
+
+            def child() -> int:
+                # Using the parent's connection in the child must fail, not answer.
+                try:
+                    held.execute("SELECT 1").fetchone()
+                except psycopg.Error:
+                    pass
+                else:
+                    return 2
+                pool.putconn(held)  # given back quietly: it is not the child's
+                return 0 if backend_pid(pool) != held_pid else 3
+
+            assert run_in_child(child) == 0
+            # In the parent the same connection goes on answering correctly.
+            assert held.execute("SELECT pg_backend_pid()").fetchone() == held_pid
+        assert pool.get_stats()["pool_size"] == 1
+
+
+def _mp_worker(n: int) -> int:
+    pool = _GLOBAL_POOL
+    assert pool is not None
+    with pool.connection(timeout=5) as conn:
+        row = conn.execute("SELECT %s::int * 2", [n]).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+_GLOBAL_POOL: ConnectionPool[Any] | None = None
+
+
+def test_multiprocessing_fork_workers_use_the_inherited_pool(dsn: str) -> None:
+    global _GLOBAL_POOL
+    with ConnectionPool(dsn, min_size=2, open=True) as pool:
+        pool.wait(5)
+        _GLOBAL_POOL = pool
+        try:
+            before = {backend_pid(pool) for _ in range(4)}
+            opened = pool.get_stats()["connections_num"]
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(3) as workers:
+                results = workers.map(_mp_worker, range(30))
+            assert results == [n * 2 for n in range(30)]
+            # The parent's pool was not disturbed by the children: same backends, none
+            # lost or reopened.
+            assert {backend_pid(pool) for _ in range(4)} == before
+            assert pool.get_stats()["connections_num"] == opened
+            with pool.connection() as conn:
+                assert conn.execute("SELECT 42").fetchone() == (42,)
+        finally:
+            _GLOBAL_POOL = None
