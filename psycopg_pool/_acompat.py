@@ -342,7 +342,7 @@ _SYNC_OPEN_MSG = (
 
 
 # ----------------------------------------------------------------------
-# close_returns on psycopg < 3.3
+# close_returns: the connection class whose close() always asks the pool
 
 
 class AsyncReturningConnection(AsyncConnection[Any]):

@@ -104,13 +104,17 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         leak_timeout: float | None = None,
     ) -> None:
         _config.check_connection_class(connection_class, Connection)
-        if close_returns and not self._null and not _config.PSYCOPG_CLOSE_RETURNS:
-            # psycopg < 3.3 does not ask the pool in close(): use a class that does.
-            if connection_class is not Connection:
+        if close_returns and not self._null:
+            # psycopg < 3.3 does not ask the pool in close(), and later versions skip
+            # asking when the connection is already broken, so a broken connection
+            # closed by its user (SQLAlchemy invalidating it) would never come back:
+            # the default class is replaced by one that always asks.
+            if connection_class is Connection:
+                connection_class = cast(type[CT], ReturningConnection)
+            elif not _config.PSYCOPG_CLOSE_RETURNS:
                 raise TypeError(
                     "close_returns=True with a custom connection_class needs psycopg >= 3.3"
                 )
-            connection_class = cast(type[CT], ReturningConnection)
         _config.check_conninfo(conninfo)
         _config.check_kwargs(kwargs)
         min_size, max_size = _config.check_sizes(min_size, max_size, null=self._null)

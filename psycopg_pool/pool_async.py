@@ -102,13 +102,17 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         leak_timeout: float | None = None,
     ) -> None:
         _config.check_connection_class(connection_class, AsyncConnection)
-        if close_returns and not self._null and not _config.PSYCOPG_CLOSE_RETURNS:
-            # psycopg < 3.3 does not ask the pool in close(): use a class that does.
-            if connection_class is not AsyncConnection:
+        if close_returns and not self._null:
+            # psycopg < 3.3 does not ask the pool in close(), and later versions skip
+            # asking when the connection is already broken, so a broken connection
+            # closed by its user (SQLAlchemy invalidating it) would never come back:
+            # the default class is replaced by one that always asks.
+            if connection_class is AsyncConnection:
+                connection_class = cast(type[ACT], AsyncReturningConnection)
+            elif not _config.PSYCOPG_CLOSE_RETURNS:
                 raise TypeError(
                     "close_returns=True with a custom connection_class needs psycopg >= 3.3"
                 )
-            connection_class = cast(type[ACT], AsyncReturningConnection)
         _config.check_conninfo(conninfo)
         _config.check_kwargs(kwargs)
         min_size, max_size = _config.check_sizes(min_size, max_size, null=self._null)

@@ -149,12 +149,6 @@ def test_orm_round_trip_from_threads(pool: ConnectionPool, engine: Engine) -> No
     assert_all_back(pool, before + 61)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: close() of a broken connection never reaches putconn() with close_returns:"
-    " psycopg's Connection.close() returns early when the connection is already closed,"
-    " so the pool counts it as checked out forever and loses that capacity",
-)
 def test_disconnect_is_invalidated_and_replaced(
     dsn: str, pool: ConnectionPool, engine: Engine
 ) -> None:
