@@ -361,9 +361,14 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         core = self._core
         with self._lock:
             slot = core.take(now)
+            # Take the outbox only if it has something: an empty one stays the core's,
+            # and must not be looked at once the lock is released (another thread
+            # may be filling it by then, and would execute the same commands).
             cmds = core.out
             if cmds:
                 core.out = []
+            else:
+                cmds = _NO_COMMANDS
         if cmds:
             self._execute(cmds)
         if slot is None or self._slow_lend:
@@ -546,6 +551,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 cmds = core.out
                 if cmds:
                     core.out = []
+                else:
+                    cmds = _NO_COMMANDS  # see getconn(): never the core's own list
             if ticket is not None:
                 ticket.wake()
             if cmds:
@@ -713,10 +720,12 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
     # Carrying out the core's commands
 
     def _swap_out(self) -> list[Command]:
+        """Take the core's commands; call under the lock, execute after it."""
         core = self._core
         cmds = core.out
-        if cmds:
-            core.out = []
+        if not cmds:
+            return _NO_COMMANDS  # never the core's own list: see getconn()
+        core.out = []
         return cmds
 
     def _execute(self, cmds: list[Command]) -> None:
@@ -868,6 +877,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
 
 
 _FORKED = "a pool of the parent process"
+_NO_COMMANDS: list[Command] = []  # only ever read
 _live_pools: weakref.WeakSet[AsyncConnectionPool[Any]] = weakref.WeakSet()
 
 
