@@ -85,9 +85,13 @@ def test_wait_timeout_closes_the_pool(caplog: pytest.LogCaptureFixture) -> None:
     wait_until(lambda: not pool_threads("never-ready"), "the pool threads to stop")
 
 
-def test_wait_before_open() -> None:
-    pool: ConnectionPool = ConnectionPool(min_size=1, open=False, name="unopened")
+def test_wait_before_open_and_after_close(dsn: str) -> None:
+    pool: ConnectionPool = ConnectionPool(dsn, min_size=1, open=False, name="unopened")
     with pytest.raises(PoolClosed, match="the pool 'unopened' is not open yet"):
+        pool.wait(0.1)
+    pool.open(wait=True, timeout=5)
+    pool.close()
+    with pytest.raises(PoolClosed, match="the pool 'unopened' is already closed"):
         pool.wait(0.1)
 
 

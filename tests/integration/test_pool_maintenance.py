@@ -18,13 +18,14 @@ import psycopg
 import pytest
 from psycopg.pq import TransactionStatus
 
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from .helpers import (
     PoolClient,
     backend_pid,
     log_messages,
     pool_after_giving_up,
+    pool_threads,
     refused_conninfo,
     release_all,
     server_pids,
@@ -120,6 +121,23 @@ def test_resize_grows_at_once_and_shrinks_lazily(
         wait_until(lambda: pool.get_stats()["pool_size"] == 1, "the pool to shrink to 1")
         assert shrink_sizes(caplog) == [3, 2, 1]
     assert any("resizing 'resized'" in m for m in log_messages(caplog, logging.INFO))
+
+
+def test_resize_down_while_connections_are_out(dsn: str) -> None:
+    with ConnectionPool(dsn, min_size=1, max_size=4, max_idle=0.05, open=False) as pool:
+        pool.wait(5)
+        conns = [pool.getconn(5) for _ in range(4)]
+        pool.resize(1, 2)
+        with pytest.raises(PoolTimeout):
+            pool.getconn(0.2)  # over the new max_size: no new connection
+        stats = pool.get_stats()
+        assert stats["pool_size"] == 4
+        assert stats["connections_num"] == 4
+        for c in conns:
+            pool.putconn(c)
+        wait_until(lambda: pool.get_stats()["pool_size"] == 1, "the pool to shrink to 1")
+        with pool.connection() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 @pytest.mark.parametrize(
@@ -262,6 +280,19 @@ def test_failing_reconnect_failed_callback(dsn: str, caplog: pytest.LogCaptureFi
     msg = next(m for m in warnings_logged(caplog) if "ZeroDivisionError" in m)
     assert "callback blew up" in msg
     assert "failed" in msg
+
+
+def test_close_from_reconnect_failed(caplog: pytest.LogCaptureFixture) -> None:
+    """The seed's advice for persistent errors: close the pool (here, from the callback)."""
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
+    with pool_after_giving_up(
+        refused_conninfo(), on_failed=lambda pool: pool.close(), name="self-closing"
+    ) as pool:
+        wait_until(lambda: pool.closed, "the pool to close")
+        wait_until(lambda: not pool_threads("self-closing"), "its threads to stop")
+        with pytest.raises(PoolClosed, match="already closed"):
+            pool.getconn()
+    assert not [m for m in warnings_logged(caplog) if "couldn't stop" in m]
 
 
 def test_failed_attempts_back_off(caplog: pytest.LogCaptureFixture) -> None:
