@@ -226,6 +226,47 @@ def test_close_fails_waiting_clients(dsn: str) -> None:
     assert held.closed
 
 
+def test_close_fails_a_pending_wait() -> None:
+    pool: ConnectionPool = ConnectionPool(
+        refused_conninfo(), min_size=1, open=False, name="never-filled"
+    )
+    pool.open()
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            pool.wait(10)
+        except BaseException as ex:
+            errors.append(ex)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    wait_until(
+        lambda: pool.get_stats().get("connections_errors", 0) >= 1, "a failed connection attempt"
+    )
+    pool.close()
+    t.join(10)
+    assert not t.is_alive()
+    assert len(errors) == 1
+    assert isinstance(errors[0], PoolClosed)
+    assert "never-filled" in str(errors[0])
+
+
+def test_maintenance_methods_on_a_pool_not_open(dsn: str) -> None:
+    pool: ConnectionPool = ConnectionPool(dsn, min_size=1, open=False, name="idle-methods")
+    pool.drain()
+    pool.check()
+    pool.resize(2)
+    assert pool_threads("idle-methods") == []
+    assert pool.get_stats().get("connections_num", 0) == 0
+    pool.open(wait=True, timeout=5)
+    pool.close()
+    pool.drain()
+    pool.check()
+    assert pool_threads("idle-methods") == []
+    assert pool.get_stats()["connections_num"] == 2
+
+
 def test_getconn_before_open_and_after_close(dsn: str) -> None:
     pool: ConnectionPool = ConnectionPool(dsn, min_size=1, open=False, name="states")
     with pytest.raises(PoolClosed) as excinfo:

@@ -76,6 +76,18 @@ def test_shrink_after_burst(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
         assert shrink_sizes(caplog) == [3, 2]
 
 
+def test_min_size_zero_shrinks_to_nothing(dsn: str) -> None:
+    with ConnectionPool(dsn, min_size=0, max_size=2, max_idle=0.05, open=False) as pool:
+        pool.wait(5)  # nothing to wait for
+        assert pool.get_stats()["pool_size"] == 0
+        with pool.connection(timeout=5) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert pool.get_stats()["pool_available"] == 1
+        wait_until(lambda: pool.get_stats()["pool_size"] == 0, "the pool to shrink to 0")
+        with pool.connection(timeout=5) as conn:  # and it grows again on demand
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_no_shrink_while_connections_are_used(dsn: str) -> None:
     with ConnectionPool(dsn, min_size=1, max_size=2, max_idle=0.1, open=False) as pool:
         pool.wait(5)
