@@ -10,10 +10,12 @@ which turns the outcome into a fact for the core.
 from __future__ import annotations
 
 import logging
+import select
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from psycopg import Connection, OperationalError, ProgrammingError
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from ._acompat import resolve
@@ -156,6 +158,45 @@ def clean(pool: ConnectionPool[Any], conn: Any, status: int) -> bool:
             logger.warning("error resetting connection: %s", ex)
             close(conn)
     return bool(conn.pgconn.transaction_status == IDLE)
+
+
+def has_input(conn: Any) -> bool:
+    """Is there anything to read on an idle connection? No round trip, no wait.
+
+    An idle connection receives nothing unless the server closes it (a FATAL
+    message then end of file) or it LISTENs: either way it deserves a real check.
+    """
+    if conn.closed:
+        return True
+    try:
+        fd = conn.pgconn.socket
+    except Exception:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
+
+
+def read_only_error(conn: Any) -> bool:
+    """Did the connection's last error say the server only accepts reads?"""
+    try:
+        msg = conn.pgconn.error_message
+    except Exception:
+        return False
+    return b"read-only transaction" in msg or b"recovery is in progress" in msg
+
+
+def wants_read_write(pool: ConnectionPool[Any]) -> bool:
+    """Does the pool's conninfo ask for a primary (target_session_attrs)?"""
+    conninfo = pool.conninfo if isinstance(pool.conninfo, str) else ""
+    kwargs = pool.kwargs if isinstance(pool.kwargs, dict) else {}
+    want = str(kwargs.get("target_session_attrs", ""))
+    if not want and "target_session_attrs" in conninfo:
+        try:
+            want = str(conninfo_to_dict(conninfo).get("target_session_attrs", ""))
+        except Exception:
+            return False
+    return str(want) in ("read-write", "primary")
 
 
 def check_connection(conn: Connection[Any]) -> None:

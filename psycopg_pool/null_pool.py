@@ -46,6 +46,7 @@ class NullConnectionPool(ConnectionPool[CT]):
         reconnect_failed: Callable[[Self], Any] | None = None,
         num_workers: int = 3,
         leak_timeout: float | None = None,
+        alive_check_after: float | None = 0.5,
     ) -> None:
         super().__init__(
             conninfo,
@@ -67,4 +68,5 @@ class NullConnectionPool(ConnectionPool[CT]):
             reconnect_failed=reconnect_failed,
             num_workers=num_workers,
             leak_timeout=leak_timeout,
+            alive_check_after=alive_check_after,
         )

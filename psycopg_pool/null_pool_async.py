@@ -44,6 +44,7 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
         reconnect_failed: Callable[[Self], Any] | None = None,
         num_workers: int = 3,
         leak_timeout: float | None = None,
+        alive_check_after: float | None = 0.5,
     ) -> None:
         super().__init__(
             conninfo,
@@ -65,4 +66,5 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
             reconnect_failed=reconnect_failed,
             num_workers=num_workers,
             leak_timeout=leak_timeout,
+            alive_check_after=alive_check_after,
         )

@@ -100,6 +100,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         reconnect_failed: Callable[[Self], Any] | None = None,
         num_workers: int = 3,
         leak_timeout: float | None = None,
+        alive_check_after: float | None = 0.5,
     ) -> None:
         _config.check_connection_class(connection_class, AsyncConnection)
         if close_returns and not self._null:
@@ -159,6 +160,14 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             )
         self._track = leak_timeout is not None
         self._slow_lend = self._track or check is not None
+        # A connection idle longer than this is looked at before it is lent: a
+        # non-blocking poll of its socket (no round trip) shows a server that closed
+        # it (restart, idle timeout, pg_terminate_backend); only then is it checked.
+        self._alive_after = (
+            INF
+            if alive_check_after is None
+            else _config.check_seconds("alive_check_after", alive_check_after)
+        )
         # Slots whose lent connection was garbage-collected without being returned.
         self._collected: deque[Slot] = deque()
         self._lock = Lock()
@@ -371,7 +380,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 cmds = _NO_COMMANDS
         if cmds:
             self._execute(cmds)
-        if slot is None or self._slow_lend:
+        if slot is None or self._slow_lend or now - slot.idle_since > self._alive_after:
             return await self._getconn_slow(slot, now, timeout)
         conn: ACT = slot.conn
         # While lent, the client holds the only strong reference (see _adopt()).
@@ -403,8 +412,14 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             conn = self._lend(slot)
             check = self._check
             if check is None:
-                logger.info("connection given by %r", self.name)
-                return conn
+                if not (
+                    slot.taken_at - slot.idle_since > self._alive_after
+                    and connector.has_input(conn)
+                ):
+                    logger.info("connection given by %r", self.name)
+                    return conn
+                # The server wrote to an idle connection: most likely to say goodbye.
+                check = self.check_connection
             try:
                 await check(conn)
             except Exception as ex:
@@ -583,6 +598,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         if status == _UNKNOWN:
             logger.warning("discarding closed connection: %s", conn)
             self._discard(slot, "returns_bad")
+            self._sweep_idle(conn)
             return
         if self._null and not self._core.waiting:
             # Nobody will reuse it: no point in rolling back a connection about to close.
@@ -608,6 +624,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         status = conn.pgconn.transaction_status
         if status == _UNKNOWN:
             self._discard(slot, counter)
+            self._sweep_idle(conn)
             return False
         if status == _IDLE and self._reset is None:
             self._release(slot)
@@ -634,6 +651,34 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 else:
                     logger.info("discarding closed connection: %s", conn)
                 self._discard(slot, counter)
+
+    def _sweep_idle(self, dead: Any) -> None:
+        """A connection was found broken: look at the idle ones, which may be too.
+
+        After a server restart or failover every idle connection is dead: find them
+        now, without a round trip each (a closed socket is readable), and replace
+        them all at once rather than lending them one by one to clients. A broken
+        connection that says its server became read-only means a failover: drain.
+        """
+        if connector.read_only_error(dead) and connector.wants_read_write(self):
+            logger.warning("pool %r: the server is now read-only: draining", self.name)
+            with self._lock:
+                self._core.drain(monotonic())
+                cmds = self._swap_out()
+            self._execute(cmds)
+            return
+        with self._lock:
+            idle = list(self._core.idle)
+        gone = [slot for slot in idle if connector.has_input(slot.conn)]
+        if not gone:
+            return
+        logger.info("pool %r: %d idle connections closed by the server", self.name, len(gone))
+        with self._lock:
+            now = monotonic()
+            for slot in gone:
+                self._core.evict(slot, now)
+            cmds = self._swap_out()
+        self._execute(cmds)
 
     def _release(self, slot: Slot) -> None:
         with self._lock:

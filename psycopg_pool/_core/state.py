@@ -611,6 +611,19 @@ class PoolCore:
             self.ready_waiters.remove(ticket)
         ticket.tstate = T_WITHDRAWN
 
+    def evict(self, slot: Slot, now: float) -> bool:
+        """An idle connection was found closed by the server: replace it.
+
+        False if the slot is not idle any more (a client took it meanwhile).
+        """
+        if slot.state != IDLE:
+            return False
+        self.idle.remove(slot)
+        self.connections_lost += 1
+        self._close(slot)
+        self._fill(now)
+        return True
+
     def begin_check(self, now: float) -> list[Slot]:
         """`check()`: take every idle connection out to be checked by the caller."""
         slots = []
@@ -712,6 +725,7 @@ class PoolCore:
         if waiting:
             t = next(iter(waiting))
             del waiting[t]
+            slot.idle_since = now  # fresh from use: no need to look at it again
             slot.state = GRANTED
             slot.ticket = t
             self.n_busy += 1
