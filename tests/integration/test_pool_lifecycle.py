@@ -439,16 +439,31 @@ def test_implicit_open_warns_at_first_getconn(dsn: str) -> None:
         pool.close()
 
 
-@pytest.mark.parametrize("first_use", ["connection", "wait"])
+@pytest.mark.parametrize(
+    "first_use",
+    [
+        pytest.param(
+            "connection",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="BUG: the warning of connection() points into psycopg_pool/pool.py,"
+                " not at the caller (so Python's default filters hide it)",
+            ),
+        ),
+        "wait",
+    ],
+)
 def test_implicit_open_warns_at_other_first_uses(dsn: str, first_use: str) -> None:
     pool = _implicit_pool(dsn)
     try:
-        with pytest.deprecated_call():
+        with pytest.deprecated_call() as record:
             if first_use == "connection":
                 with pool.connection(5):
                     pass
             else:
                 pool.wait(5)
+        assert len(record) == 1
+        assert record[0].filename == __file__  # points at the caller, as for getconn()
     finally:
         pool.close()
 
