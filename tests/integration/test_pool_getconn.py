@@ -501,6 +501,26 @@ def test_failing_check_callback_times_out(dsn: str, caplog: pytest.LogCaptureFix
     assert log_messages(caplog, logging.WARNING) == []
 
 
+def test_check_callback_breaking_the_connection(dsn: str) -> None:
+    broken: list[psycopg.Connection[Any]] = []
+
+    def check(conn: psycopg.Connection[Any]) -> None:
+        if not broken:
+            broken.append(conn)
+            conn.close()
+            raise psycopg.OperationalError("closed by the check")
+
+    with ConnectionPool(dsn, min_size=1, check=check, open=False) as pool:
+        pool.wait(5)
+        with pool.connection(timeout=2) as conn:
+            assert conn is not broken[0]
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        stats = pool.get_stats()
+        assert stats["connections_lost"] == 1
+        assert stats.get("returns_bad", 0) == 0
+        assert stats["pool_size"] == 1
+
+
 @pytest.mark.parametrize("left", ["INTRANS", "INERROR"])
 def test_failing_check_leaving_a_transaction(dsn: str, left: str) -> None:
     fail = [True]

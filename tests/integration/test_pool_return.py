@@ -359,6 +359,18 @@ def test_close_returns_expired_connection_really_closes(dsn: str) -> None:
             assert conn2 is not conn
 
 
+def test_close_returns_drained_connection_really_closes(dsn: str) -> None:
+    with ConnectionPool(dsn, min_size=1, close_returns=True, open=False) as pool:
+        conn = pool.getconn(5)
+        pool.drain()
+        conn.close()
+        wait_until(lambda: conn.closed, "the drained connection to close")
+        wait_idle(pool)
+        with pool.connection() as conn2:
+            assert conn2 is not conn
+        assert pool.get_stats()["pool_size"] == 1
+
+
 def test_close_returns_inside_connection_block(dsn: str) -> None:
     """Trap 24: closing inside `with pool.connection()` returns it; the exit then fails."""
     with ConnectionPool(dsn, min_size=1, close_returns=True, open=False) as pool:
