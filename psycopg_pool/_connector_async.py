@@ -12,7 +12,7 @@ import select
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
-from psycopg import AsyncConnection, OperationalError, ProgrammingError
+from psycopg import AsyncConnection, OperationalError, ProgrammingError, pq
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
@@ -55,6 +55,7 @@ class AsyncConnectAttempt:
         kwargs = dict(kwargs) if kwargs else {}
         if extra:
             kwargs.update(extra)
+        add_network_defaults(conninfo, kwargs)
 
         t0 = monotonic()
         self.connect_failed = True
@@ -156,6 +157,35 @@ async def clean(pool: AsyncConnectionPool[Any], conn: Any, status: int) -> bool:
             logger.warning("error resetting connection: %s", ex)
             await close(conn)
     return bool(conn.pgconn.transaction_status == IDLE)
+
+
+# Pooled connections live long and sit idle: without TCP keepalives a connection
+# whose peer vanished (failover, a NAT or firewall dropping state) looks alive for
+# hours. Applied unless the conninfo or kwargs say otherwise; libpq ignores them on
+# Unix sockets.
+NETWORK_DEFAULTS = {
+    "keepalives": "1",
+    "keepalives_idle": "60",
+    "keepalives_interval": "10",
+    "keepalives_count": "6",
+    "tcp_user_timeout": "60000",
+}
+
+
+def add_network_defaults(conninfo: Any, kwargs: dict[str, Any]) -> None:
+    missing = [k for k in NETWORK_DEFAULTS if k not in kwargs]
+    if not missing:
+        return
+    if isinstance(conninfo, str) and conninfo:
+        try:
+            given = conninfo_to_dict(conninfo)
+        except Exception:
+            return  # let connect() report the bad conninfo
+        missing = [k for k in missing if k not in given]
+    for key in missing:
+        if key == "tcp_user_timeout" and pq.version() < 120000:
+            continue  # unknown to libpq before 12
+        kwargs[key] = NETWORK_DEFAULTS[key]
 
 
 def has_input(conn: Any) -> bool:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 from .._core.state import MAX_SAMPLES
 from ..pool import ConnectionPool
 from ..pool_async import AsyncConnectionPool
 
 # The pools an exporter can watch (the null pools are subclasses).
-AnyPool = Union[ConnectionPool[Any], AsyncConnectionPool[Any]]
+AnyPool: TypeAlias = ConnectionPool[Any] | AsyncConnectionPool[Any]
 
 Sample = tuple[str, float]
 
