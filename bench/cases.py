@@ -176,20 +176,24 @@ def burst_cases(s: Settings, delay: float) -> tuple[list[Case], dict[str, Case]]
             sides=(BASE,),
         )
         baselines[base.key] = base
-        cases.append(
-            Case(
-                key=f"burst/{name}",
-                section="burst",
-                scenario="burst",
-                params={**common, "mode": "pool"},
-                label=(f"+{round(delay * 1000)} ms per connect (proxy)" if proxy else "direct"),
-                metric="serve_s",
-                higher_better=False,
-                baseline=base.key,
-                proxy=proxy,
-                info={"proxy": proxy},
+        # num_workers bounds how many connections a pool opens at once: the default
+        # (3), and enough for the burst (upstream grows one at a time either way).
+        for nw in (3, 32):
+            label = f"+{round(delay * 1000)} ms per connect (proxy)" if proxy else "direct"
+            cases.append(
+                Case(
+                    key=f"burst/{name}/nw{nw}",
+                    section="burst",
+                    scenario="burst",
+                    params={**common, "mode": "pool", "num_workers": nw},
+                    label=f"{label}, num_workers={nw}",
+                    metric="serve_s",
+                    higher_better=False,
+                    baseline=base.key,
+                    proxy=proxy,
+                    info={"proxy": proxy},
+                )
             )
-        )
     return cases, baselines
 
 

@@ -509,10 +509,19 @@ def _all_at_once(n: int, fn: Callable[[int], None]) -> None:
         raise RuntimeError("burst threads did not finish in time")
 
 
-def _one_burst_pool(dsn: str, max_size: int, workers: int, hold: float) -> Metrics:
+def _one_burst_pool(
+    dsn: str, max_size: int, workers: int, hold: float, num_workers: int = 3
+) -> Metrics:
     from psycopg_pool import ConnectionPool
 
-    pool = ConnectionPool(dsn, min_size=0, max_size=max_size, open=False, timeout=CHECKOUT_TIMEOUT)
+    pool = ConnectionPool(
+        dsn,
+        min_size=0,
+        max_size=max_size,
+        open=False,
+        timeout=CHECKOUT_TIMEOUT,
+        num_workers=num_workers,
+    )
     pool.open()
     starts, got, ends = [0.0] * workers, [0.0] * workers, [0.0] * workers
 
@@ -535,7 +544,9 @@ def _one_burst_pool(dsn: str, max_size: int, workers: int, hold: float) -> Metri
     }
 
 
-def _one_burst_baseline(dsn: str, max_size: int, workers: int, hold: float) -> Metrics:
+def _one_burst_baseline(
+    dsn: str, max_size: int, workers: int, hold: float, num_workers: int = 3
+) -> Metrics:
     """max_size plain connects in parallel, each then serving workers/max_size holds."""
     per_conn = -(-workers // max_size)
     starts, ends = [0.0] * max_size, [0.0] * max_size
@@ -559,7 +570,7 @@ def scenario_burst(dsn: str, p: Params) -> Metrics:
     for i in range(max(1, reps)):
         if i:
             time.sleep(0.2)  # let the previous burst's backends exit
-        runs.append(one(dsn, max_size, workers, hold))
+        runs.append(one(dsn, max_size, workers, hold, int(p.get("num_workers", 3))))
     serve = [r["serve_s"] for r in runs]
     return {
         "serve_s": statistics.median(serve),
