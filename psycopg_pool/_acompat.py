@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
+import sys
 import threading
 import time
 import warnings
@@ -298,11 +300,11 @@ class AsyncPoolMixin:
 
     def _ctor_open_warning(self, open: bool | None) -> None:
         if open:
-            warnings.warn(_ASYNC_OPEN_MSG.format(cls=type(self).__name__), RuntimeWarning, 3)
+            _warn(_ASYNC_OPEN_MSG.format(cls=type(self).__name__), RuntimeWarning)
 
     def _warn_implicit(self) -> None:
         self._open_implicit = False
-        warnings.warn(_ASYNC_OPEN_MSG.format(cls=type(self).__name__), RuntimeWarning, 3)
+        _warn(_ASYNC_OPEN_MSG.format(cls=type(self).__name__), RuntimeWarning)
 
 
 class PoolMixin:
@@ -322,13 +324,29 @@ class PoolMixin:
 
     def _warn_implicit(self) -> None:
         self._open_implicit = False
-        warnings.warn(_SYNC_OPEN_MSG.format(cls=type(self).__name__), DeprecationWarning, 3)
+        _warn(_SYNC_OPEN_MSG.format(cls=type(self).__name__), DeprecationWarning)
 
     def __del__(self) -> None:
         # Threads hold the pool only weakly, so an open pool can be collected: stop them.
         if getattr(self, "_bg", None) is not None:  # None too if __init__ failed
             self._stop_background(5.0)
 
+
+def _warn(msg: str, category: type[Warning]) -> None:
+    """Warn pointing at the user's code: the first frame outside this package.
+
+    (A fixed stacklevel would point inside the package when the warning comes
+    through `connection()`, and Python's default filters would then hide it.)
+    """
+    level = 2  # 1 is this function; 2 its caller, sys._getframe(1)
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(msg, category, stacklevel=level)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 _ASYNC_OPEN_MSG = (
     "opening an async pool in its constructor is deprecated and will stop working:"

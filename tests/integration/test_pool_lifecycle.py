@@ -442,14 +442,7 @@ def test_implicit_open_warns_at_first_getconn(dsn: str) -> None:
 @pytest.mark.parametrize(
     "first_use",
     [
-        pytest.param(
-            "connection",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: the warning of connection() points into psycopg_pool/pool.py,"
-                " not at the caller (so Python's default filters hide it)",
-            ),
-        ),
+        "connection",
         "wait",
     ],
 )
