@@ -25,6 +25,27 @@ AnyPool: TypeAlias = ConnectionPool[Any] | AsyncConnectionPool[Any]
 
 Sample = tuple[str, float]
 
+# Histogram bounds, in seconds: from a fraction of a millisecond (a local idle
+# connection) to a minute. Compact on purpose: each bound is one series per pool.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
 _lock = threading.Lock()
 _feeds: weakref.WeakKeyDictionary[AnyPool, list[SampleFeed]] = weakref.WeakKeyDictionary()
 

@@ -56,29 +56,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ._source import AnyPool, SampleFeed, check_pool
+from ._source import DEFAULT_BUCKETS, AnyPool, SampleFeed, check_pool
 
 __all__ = ["DEFAULT_BUCKETS", "PoolCollector"]
-
-# Seconds: from a fraction of a millisecond (a local idle connection) to a minute.
-DEFAULT_BUCKETS: tuple[float, ...] = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
 
 # Counter suffix -> the get_stats() key it follows, and its help text.
 COUNTERS: dict[str, tuple[str, str]] = {
