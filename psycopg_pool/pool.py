@@ -370,7 +370,10 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             self._warn_implicit()
         now = monotonic()
         core = self._core
-        with self._lock:
+        # acquire/release rather than `with`: measurably cheaper on this path.
+        lock = self._lock
+        lock.acquire()
+        try:
             slot = core.take(now)
             # Take the outbox only if it has something: an empty one stays the core's,
             # and must not be looked at once the lock is released (another thread
@@ -380,6 +383,8 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 core.out = []
             else:
                 cmds = _NO_COMMANDS
+        finally:
+            lock.release()
         if cmds:
             self._execute(cmds)
         if slot is None or self._slow_lend or now - slot.idle_since > self._alive_after:
@@ -563,13 +568,17 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         status = conn.pgconn.transaction_status
         if status == _IDLE and self._reset is None:
             core = self._core
-            with self._lock:
+            lock = self._lock
+            lock.acquire()
+            try:
                 ticket = core.release(slot, monotonic())
                 cmds = core.out
                 if cmds:
                     core.out = []
                 else:
                     cmds = _NO_COMMANDS  # see getconn(): never the core's own list
+            finally:
+                lock.release()
             if ticket is not None:
                 ticket.wake()
             if cmds:

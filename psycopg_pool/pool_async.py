@@ -368,7 +368,10 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             self._warn_implicit()
         now = monotonic()
         core = self._core
-        with self._lock:
+        # acquire/release rather than `with`: measurably cheaper on this path.
+        lock = self._lock
+        lock.acquire()
+        try:
             slot = core.take(now)
             # Take the outbox only if it has something: an empty one stays the core's,
             # and must not be looked at once the lock is released (another thread
@@ -378,6 +381,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 core.out = []
             else:
                 cmds = _NO_COMMANDS
+        finally:
+            lock.release()
         if cmds:
             self._execute(cmds)
         if slot is None or self._slow_lend or now - slot.idle_since > self._alive_after:
@@ -561,13 +566,17 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         status = conn.pgconn.transaction_status
         if status == _IDLE and self._reset is None:
             core = self._core
-            with self._lock:
+            lock = self._lock
+            lock.acquire()
+            try:
                 ticket = core.release(slot, monotonic())
                 cmds = core.out
                 if cmds:
                     core.out = []
                 else:
                     cmds = _NO_COMMANDS  # see getconn(): never the core's own list
+            finally:
+                lock.release()
             if ticket is not None:
                 ticket.wake()
             if cmds:
