@@ -41,6 +41,7 @@ The timeouts and the histograms come from the events the pool records while watc
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 from opentelemetry.metrics import (
@@ -110,11 +111,15 @@ STATE = "db.client.connection.state"
 
 
 class PoolMetrics:
-    """The connection-pool instruments of one meter, observing one or more pools.
+    """Observe one or more pools with the connection-pool instruments of a meter.
 
     `meter`: the meter to create the instruments on; else one named
     ``psycopg_pool`` from `meter_provider` (default: the global provider).
     `buckets`: the histograms' advised bucket boundaries, in seconds.
+
+    The instruments are made once per meter (OpenTelemetry cannot make two of the same
+    name): several `PoolMetrics` on the same meter share them, each observing its own
+    pools; a pool name may be observed once per meter.
     """
 
     def __init__(
@@ -128,6 +133,52 @@ class PoolMetrics:
             provider = meter_provider if meter_provider is not None else get_meter_provider()
             meter = provider.get_meter("psycopg_pool", __version__, schema_url=SCHEMA_URL)
         self.meter = meter
+        self._instruments = _Instruments.of(meter, tuple(buckets))
+        self._pools: dict[str, AnyPool] = {}
+        for pool in pools:
+            self.add_pool(pool)
+
+    def add_pool(self, pool: AnyPool) -> None:
+        """Observe one more pool; its name must differ from the observed ones'."""
+        check_pool(pool)
+        self._instruments.add(pool)
+        self._pools[pool.name] = pool
+
+    def remove_pool(self, pool: AnyPool) -> None:
+        """Stop observing a pool (its events not collected yet are recorded first)."""
+        if self._pools.get(pool.name) is not pool:
+            raise ValueError(f"pool {pool.name!r} is not observed by these metrics")
+        del self._pools[pool.name]
+        self._instruments.remove(pool)
+
+    def close(self) -> None:
+        """Stop observing every pool of this object. (The instruments stay on the
+        meter, without data for these pools: OpenTelemetry cannot remove them.)"""
+        for pool in list(self._pools.values()):
+            self.remove_pool(pool)
+
+    def record(self) -> None:
+        """Record the pending events into the histograms and the timeouts counter now
+        (each collection does it anyway, before reading them)."""
+        self._instruments.record()
+
+
+class _Instruments:
+    """The instruments of one meter and the pools they observe (shared)."""
+
+    @classmethod
+    def of(cls, meter: Meter, buckets: tuple[float, ...]) -> _Instruments:
+        """The meter's instruments, made at the first call."""
+        with _meters_lock:
+            inst = _by_meter.get(meter)
+            if inst is None:
+                inst = _by_meter[meter] = cls(meter, buckets)
+            elif inst.buckets != buckets:
+                raise ValueError(f"this meter's histograms already have the buckets {inst.buckets}")
+            return inst
+
+    def __init__(self, meter: Meter, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
         self._lock = threading.Lock()
         self._feeds: dict[str, SampleFeed] = {}  # by pool name
 
@@ -154,45 +205,23 @@ class PoolMetrics:
             )
             for kind, name, doc in HISTOGRAMS
         }
-        for pool in pools:
-            self.add_pool(pool)
 
-    def add_pool(self, pool: AnyPool) -> None:
-        """Observe one more pool; its name must differ from the observed ones'."""
-        check_pool(pool)
+    def add(self, pool: AnyPool) -> None:
         with self._lock:
             if pool.name in self._feeds:
                 raise ValueError(f"a pool named {pool.name!r} is already observed")
             self._feeds[pool.name] = SampleFeed(pool)
 
-    def remove_pool(self, pool: AnyPool) -> None:
-        """Stop observing a pool (its events not collected yet are recorded first)."""
+    def remove(self, pool: AnyPool) -> None:
         with self._lock:
-            feed = self._feeds.get(pool.name)
-            if feed is None or feed.pool is not pool:
-                raise ValueError(f"pool {pool.name!r} is not observed by these metrics")
+            feed = self._feeds.pop(pool.name)
             self._record(feed)
-            del self._feeds[pool.name]
             feed.close()
 
-    def close(self) -> None:
-        """Stop observing every pool. (The instruments stay on the meter, reporting
-        nothing: OpenTelemetry has no way to remove them.)"""
-        with self._lock:
-            feeds = list(self._feeds.values())
-            for feed in feeds:
-                self._record(feed)
-                feed.close()
-            self._feeds.clear()
-
     def record(self) -> None:
-        """Record the pools' pending events into the histograms and the timeouts
-        counter now (a collection does it anyway, before reading them)."""
         with self._lock:
             for feed in self._feeds.values():
                 self._record(feed)
-
-    # ------------------------------------------------------------------
 
     def _record(self, feed: SampleFeed) -> None:
         attrs = {POOL_NAME: feed.pool.name}
@@ -235,3 +264,7 @@ class PoolMetrics:
             return [Observation(stats[key], {POOL_NAME: name}) for name, stats in self._stats()]
 
         return observe
+
+
+_meters_lock = threading.Lock()
+_by_meter: weakref.WeakKeyDictionary[Meter, _Instruments] = weakref.WeakKeyDictionary()

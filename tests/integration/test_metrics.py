@@ -486,6 +486,41 @@ def test_otel_remove_pool_records_pending_events(
         pool_metrics.close()
 
 
+def test_otel_several_pool_metrics_share_a_meter(
+    dsn: str, otel_reader: tuple[MeterProvider, InMemoryMetricReader]
+) -> None:
+    provider, reader = otel_reader
+    a, b, c = new_name(), new_name(), new_name()
+    with (
+        ConnectionPool(dsn, min_size=1, max_size=4, name=a) as pa,
+        ConnectionPool(dsn, min_size=1, max_size=5, name=b) as pb,
+    ):
+        first = PoolMetrics(pa, meter_provider=provider)
+        second = PoolMetrics(pb, meter_provider=provider)  # same meter: shared instruments
+        assert Otel(reader, a).value("db.client.connection.max") == 4
+        assert Otel(reader, b).value("db.client.connection.max") == 5
+        with pytest.raises(ValueError, match="already observed"):
+            second.add_pool(pa)
+        with pytest.raises(ValueError, match="not observed"):
+            second.remove_pool(pa)  # first's pool
+        with pytest.raises(ValueError, match="buckets"):
+            PoolMetrics(meter_provider=provider, buckets=(1.0, 2.0))
+        first.close()
+        assert Otel(reader, a).value("db.client.connection.max") is None
+        assert Otel(reader, b).value("db.client.connection.max") == 5
+        # The pool can be observed again, by a new object on the same meter.
+        with pa.connection():
+            pass
+        third = PoolMetrics(pa, meter_provider=provider)
+        with pa.connection():
+            pass
+        assert Otel(reader, a).value("db.client.connection.use_time").count == 1
+        with pytest.raises(TypeError, match="psycopg_pool pool"):
+            third.add_pool(c)  # type: ignore[arg-type]
+        second.close()
+        third.close()
+
+
 # ----------------------------------------------------------------------
 # Both, and the cost when off
 
