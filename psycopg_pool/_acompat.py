@@ -40,6 +40,22 @@ def resolve(value: Any) -> Any:
     return value
 
 
+def acheck_cancelled() -> None:
+    """Raise CancelledError if the current task is being cancelled.
+
+    For code that caught an Exception which a user callback may have made out of a
+    cancellation: retrying would swallow the cancel (Python >= 3.11 tracks it).
+    """
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    if cancelling is not None and cancelling():
+        raise asyncio.CancelledError
+
+
+def check_cancelled() -> None:
+    pass
+
+
 
 
 # ----------------------------------------------------------------------
@@ -280,7 +296,9 @@ def _worker(queue: SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None
 def _run_job(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     try:
         fn(*args)
-    except Exception as ex:
+    except BaseException as ex:
+        # Whatever a job (or a user callback in it) raises, the worker goes on:
+        # a dead worker would leave connection attempts queued forever.
         logger.warning("task run %s failed: %s: %s", fn, type(ex).__name__, ex)
 
 

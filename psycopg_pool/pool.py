@@ -37,6 +37,7 @@ from ._acompat import (
     ReturningConnection,
     Waiter,
     Wakeup,
+    check_cancelled,
     resolve,
     sleep,
 )
@@ -433,6 +434,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 logger.info("connection failed check: %s", error_text(ex))
                 check_error = ex
                 healthy = self._give_back(slot, conn, "connections_lost")
+                check_cancelled()
             except BaseException:
                 self._give_back(slot, conn, "connections_lost")
                 raise

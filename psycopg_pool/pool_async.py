@@ -35,6 +35,7 @@ from ._acompat import (
     AsyncReturningConnection,
     AsyncWaiter,
     AsyncWakeup,
+    acheck_cancelled,
     aresolve,
     asleep,
 )
@@ -431,6 +432,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 logger.info("connection failed check: %s", error_text(ex))
                 check_error = ex
                 healthy = self._give_back(slot, conn, "connections_lost")
+                acheck_cancelled()
             except BaseException:
                 self._give_back(slot, conn, "connections_lost")
                 raise

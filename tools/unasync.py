@@ -42,6 +42,7 @@ WORDS = {
     "ACT": "CT",
     "asleep": "sleep",
     "aresolve": "resolve",
+    "acheck_cancelled": "check_cancelled",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
     "_connector_async": "_connector",

@@ -509,7 +509,12 @@ class PoolCore:
         self.last_failure_at = now
         self.last_error = cause
         self.fatal = fatal
-        if slot.inline or self.status != OPEN:
+        if self.status != OPEN:
+            return
+        if slot.inline:
+            # The caller gets its own error; whoever queued behind it (a null pool at
+            # max_size) may now have room for an attempt of its own.
+            self._fill(now)
             return
         self.fail_count += 1
         if fatal and not (self.n_busy or self.n_checking or self.idle):

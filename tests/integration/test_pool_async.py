@@ -684,7 +684,10 @@ async def test_expired_idle_connection_replaced_in_the_background(dsn: str) -> N
             lambda: (pids := server_pids(dsn, app)) and not pids & first,
             "the expired connection to be replaced",
         )
-        assert pool_stat(pool, "pool_available") == 1
+        # The new backend is up slightly before the pool has the connection idle.
+        await await_until(
+            lambda: pool_stat(pool, "pool_available") == 1, "the replacement to be idle"
+        )
         assert pool_stat(pool, "pool_size") == 1
         assert pool_stat(pool, "requests_num") == 0
 

@@ -68,6 +68,12 @@ class Actor(ActorBase):
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._main(), name=self.name)
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() and self.error is None:  # cancelled before it started
+            self.error = asyncio.CancelledError()
+        self.done.set()
 
     async def _main(self) -> None:
         try:
@@ -89,8 +95,9 @@ class Actor(ActorBase):
         self.task.cancel()
 
     def expire(self) -> None:
-        """Make the actor's `asyncio.timeout` expire now."""
-        self.cm.reschedule(asyncio.get_running_loop().time())
+        """Make the actor's `asyncio.timeout` expire now (if it is running)."""
+        if self.cm is not None and not self.done.is_set() and not self.cm.expired():
+            self.cm.reschedule(asyncio.get_running_loop().time())
 
     async def finished(self) -> str:
         await reached(self.done, f"the end of {self.name}")

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +41,7 @@ from psycopg.pq import ConnStatus, TransactionStatus
 IDLE = TransactionStatus.IDLE
 INTRANS = TransactionStatus.INTRANS
 ACTIVE = TransactionStatus.ACTIVE
+INERROR = TransactionStatus.INERROR
 UNKNOWN = TransactionStatus.UNKNOWN
 
 # Every point a fake or a test callback can stop at.
@@ -120,6 +123,10 @@ class Fakes:
         self.connect_calls = 0
         self.connect_errors = 0
         self.serial = itertools.count(1)
+        self.rng: random.Random | None = None
+        self.chaos_odds = (0.0, 0.0)
+        self.may_interrupt: Callable[[], bool] = lambda: True
+        self.injected = 0
 
     # -- planning
 
@@ -146,9 +153,24 @@ class Fakes:
         """The next `times` calls reaching `point` run `fn(conn)` there."""
         self._plan(point, fn, times, 0)
 
+    def chaos(
+        self,
+        rng: random.Random,
+        fail: float,
+        interrupt: float = 0.0,
+        may_interrupt: Callable[[], bool] | None = None,
+    ) -> None:
+        """Unplanned calls fail at random (an Exception, or an `Interrupt` where
+        `may_interrupt()` allows), and yield to the others a random number of times."""
+        self.rng = rng
+        self.chaos_odds = (fail, interrupt)
+        if may_interrupt is not None:
+            self.may_interrupt = may_interrupt
+
     def clear(self) -> None:
-        """Forget the plans not carried out yet, and open every gate."""
+        """Forget the plans not carried out yet, stop the chaos, open every gate."""
         with self.lock:
+            self.rng = None
             self.plans.clear()
         for gate in self.gates:
             if not gate.opened.is_set():
@@ -159,7 +181,7 @@ class Fakes:
             self.hits[point] += 1
             q = self.plans.get(point)
             if not q:
-                return None
+                return self._chaos(point)
             plan = q[0]
             if plan.times is not None:
                 plan.times -= 1
@@ -167,9 +189,29 @@ class Fakes:
                     q.popleft()
             return plan.action
 
+    def _chaos(self, point: str) -> Any:
+        rng = self.rng
+        if rng is None:
+            return None
+        r = rng.random()
+        fail, interrupt = self.chaos_odds
+        if r < fail:
+            self.injected += 1
+            return OperationalError(f"chaos at {point}")
+        if r < fail + interrupt and self.may_interrupt():
+            self.injected += 1
+            return Interrupt()
+        return None
+
+    def _yields(self) -> int:
+        rng = self.rng
+        return rng.randrange(3) if rng is not None else 0
+
     # -- passing through a point
 
     def hit(self, point: str, conn: Any = None) -> None:
+        for _ in range(self._yields()):
+            time.sleep(0)
         action = self._next(point)
         if isinstance(action, Gate):
             action.conn = conn
@@ -180,6 +222,8 @@ class Fakes:
         self._act(action, conn)
 
     async def ahit(self, point: str, conn: Any = None) -> None:
+        for _ in range(self._yields()):
+            await asyncio.sleep(0)
         action = self._next(point)
         if isinstance(action, Gate):
             action.conn = conn

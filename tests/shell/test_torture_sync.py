@@ -473,11 +473,6 @@ WORKER_POINTS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a BaseException raised by a job kills its worker thread (_acompat._run_job"
-    " catches Exception only); with the workers gone, connection attempts queue forever",
-)
 @pytest.mark.parametrize("point", list(WORKER_POINTS))
 def test_worker_survives_a_base_exception(point: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """SystemExit or a KeyboardInterrupt-like exception in a callback run by a worker.
@@ -498,3 +493,19 @@ def test_worker_survives_a_base_exception(point: str, monkeypatch: pytest.Monkey
         second = ctx.client("second", timeout=1.0)  # needs a new connection
         assert second.finished() == "conn", f"{second.error!r}; dead threads: {died}"
         TALLY["interruptions"] += 1
+
+
+@pytest.mark.parametrize("how", ["interrupt", "error"])
+def test_null_pool_waiter_after_a_failed_inline_attempt(how: str) -> None:
+    """max_size=1: A connects inline, B queues; A's attempt ends without a connection."""
+    with scenario(null=True, max_size=1) as ctx:
+        gate = ctx.fakes.block("connect")
+        first = ctx.client("first")
+        reached(gate.reached, "the inline attempt")
+        second = ctx.client("second", timeout=1.0)
+        until(lambda: ctx.pool._core.waiting, "the second client to queue")
+        exc = Interrupt() if how == "interrupt" else OperationalError("connection refused")
+        gate.open(raising=exc)
+        assert first.finished() in ("Interrupt", "OperationalError")
+        TALLY["interruptions"] += 1
+        assert second.finished() == "conn", repr(second.error)
