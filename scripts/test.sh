@@ -35,6 +35,15 @@ step "mypy" "$py" -m mypy
 if [ -f tools/unasync.py ]; then
     step "unasync --check" "$py" tools/unasync.py --check
 fi
+core_coverage() {
+    # The pure core keeps 100% branch coverage from its own tests (no database).
+    HYPOTHESIS_PROFILE=coverage "$py" -m coverage run --data-file=.coverage-core --branch \
+        --source=psycopg_pool/_core -m pytest -q -p no:cacheprovider tests/core &&
+        "$py" -m coverage report --data-file=.coverage-core --fail-under=100 -m
+}
+if [ $# -eq 0 ]; then
+    step "core branch coverage" core_coverage
+fi
 step "pytest" "$py" -m pytest -p no:cacheprovider "$@"
 
 section summary

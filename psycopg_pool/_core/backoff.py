@@ -97,7 +97,3 @@ class Backoff:
         self.gave_up = False
         self.delay = 0.0
         self.retry_at = 0.0
-
-    def restart_delay(self, now: float) -> None:
-        """Fresh demand after giving up: allow an immediate attempt."""
-        self.retry_at = now

@@ -152,7 +152,7 @@ class Slot:
         # where it was taken, and a weak reference to the connection.
         self.trace: Any = None
         self.wref: Any = None
-        self.leak_reported = 0.0  # the `taken_at` a leak warning was given for
+        self.leak_reported = -1.0  # the `taken_at` a leak warning was given for
 
     def __repr__(self) -> str:
         return f"<Slot {self.id} {STATE_NAMES[self.state]}>"
@@ -293,6 +293,7 @@ class PoolCore:
                 self.min_idle_seen = min(self.min_idle_seen, len(idle))
                 ticket.slot = slot
                 ticket.tstate = T_DONE
+                self._fill(now)  # replace the expired ones skipped on the way
                 return GOT
             self._close(slot)
             self._log_info("discarding expired connection %s", slot.id)

@@ -29,6 +29,10 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", max_examples=150, stateful_step_count=40, deadline=None)
+# The same, derandomized: the coverage gate of scripts/test.sh must not depend on luck.
+settings.register_profile(
+    "coverage", max_examples=150, stateful_step_count=40, deadline=None, derandomize=True
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 

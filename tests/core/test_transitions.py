@@ -392,3 +392,274 @@ def test_backoff_clips_the_last_retry_to_the_give_up_time(jitter: float) -> None
     assert b.retry_at == 5.0  # 1 + 2 + 4 > 5: clipped
     assert b.failed(5.0, 5.0, 5.0)  # an attempt started at the give-up time fails
     assert not b.failed(b.retry_at, b.retry_at, 5.0)  # reported once
+
+
+def test_samples_record_wait_use_create_and_timeouts() -> None:
+    h = Harness.make(min_size=1, max_size=1)
+    h.core.samples = []
+    h.open()
+    h.now = 1.0
+    h.connect_ok(h.connecting[0])
+    h.getconn()
+    h.held[0].lent_at = h.now  # lent by connection()
+    _, t = h.getconn()
+    assert t
+    h.now = 1.5
+    h.putconn(h.held[0])
+    h.accept(t)
+    _, t2 = h.getconn()
+    assert t2
+    h.withdraw(t2)
+    h.core.sample("timeout", 2.0)
+    kinds = [k for k, _ in h.core.samples]
+    assert kinds == ["create", "use", "wait", "wait", "timeout"]
+    assert dict(h.core.samples)["use"] == 0.5
+    h.check()
+
+
+def test_usage_ms_counts_through_reset_and_discard() -> None:
+    h = filled(2, min_size=2, max_size=2)
+    h.now = 1.0
+    h.getconn()
+    h.getconn()
+    a, b = h.held
+    a.lent_at = b.lent_at = 0.25
+    h.putconn_dirty(a)  # usage counted when the return starts, before the rollback
+    h.broken(b)
+    assert h.core.usage_ms == 1500 and h.core.returns_bad == 1
+    h.io_done(a, True)
+    h.check()
+
+
+def test_discard_counts_lost_connections() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    slot = h.held.pop()
+    h.core.discard(slot, h.now, "connections_lost")
+    h.run()
+    assert h.core.connections_lost == 1 and len(h.connecting) == 1
+    h.check()
+
+
+def test_evict_replaces_an_idle_connection_only() -> None:
+    h = filled(2, min_size=2, max_size=2)
+    first, second = list(h.core.idle)
+    assert h.core.evict(first, h.now)
+    h.run()
+    assert h.core.connections_lost == 1 and len(h.connecting) == 1
+    h.getconn()
+    assert not h.core.evict(second, h.now)  # lent meanwhile: not the pool's to close
+    h.check()
+
+
+def test_withdraw_ready_forgets_the_waiter() -> None:
+    h = Harness.make(min_size=1, max_size=1)
+    h.open()
+    t = h.new_ticket()
+    assert not h.core.wait_ready(t, h.now)
+    h.core.withdraw_ready(t)
+    assert h.core.ready_waiters == [] and t.tstate == st.T_WITHDRAWN
+    h.core.withdraw_ready(t)  # twice is harmless
+    h.connect_ok(h.connecting[0])
+    assert t.woken == 0
+
+
+def test_request_takes_an_idle_connection_and_skips_expired_ones() -> None:
+    h = filled(2, min_size=2, max_size=2, max_lifetime=10.0, max_idle=1000.0)
+    first, second = list(h.core.idle)
+    first.expire_at = 5.0
+    h.now = 6.0
+    t = h.new_ticket()
+    assert h.core.request(t, h.now, True) == st.GOT
+    h.run()
+    assert t.slot is second and first.id in h.closed
+    h.held.append(second)
+    h.ended[t.n] = "got"
+    h.check()
+
+
+def test_accepting_twice_or_withdrawing_an_accepted_ticket_is_a_bug() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    _, t = h.getconn()
+    assert t
+    h.putconn(h.held[0])
+    h.accept(t)
+    with pytest.raises(AssertionError):
+        h.core.withdraw(t, h.now, 0)
+
+
+def test_open_twice_and_close_twice() -> None:
+    h = Harness.make(min_size=1, max_size=1)
+    assert not h.core.close(h.now)
+    h.open()
+    assert not h.core.open(h.now)
+    assert h.core.close(h.now)
+    assert not h.core.close(h.now)
+
+
+def test_check_skips_expired_idle_connections() -> None:
+    h = filled(2, min_size=2, max_size=2, max_lifetime=10.0, max_idle=1000.0)
+    first, second = list(h.core.idle)
+    first.expire_at = 1.0
+    h.now = 2.0
+    assert h.begin_check() == [second]
+    assert first.id in h.closed
+    h.io_done(second, True)
+    h.check()
+
+
+def test_tick_keeps_the_connections_not_expired() -> None:
+    h = filled(2, min_size=2, max_size=2, max_lifetime=10.0, max_idle=1000.0)
+    first, second = list(h.core.idle)
+    first.expire_at = 1.0
+    h.tick(2.0)
+    assert list(h.core.idle) == [second] and first.id in h.closed
+    h.check()
+
+
+def test_a_waiter_while_failing_moves_the_retry_earlier_and_rearms() -> None:
+    h = Harness.make(min_size=1, max_size=1)
+    h.open()
+    h.connect_fail(h.connecting[0])
+    h.core.next_deadline()  # the housekeeper sleeps until the retry (about 1 s)
+    rearms = h.rearms
+    h.now = 0.5
+    h.getconn()
+    assert h.core.backoff.retry_at == 0.5 and h.rearms == rearms + 1
+
+
+def test_a_leak_is_reported_once_per_lending() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.core.leak_timeout = 2.0
+    h.getconn()
+    assert h.core.next_deadline() == 2.0
+    h.tick(2.5)
+    assert h.leaks == [h.held[0]]
+    h.tick(3.0)
+    assert len(h.leaks) == 1
+
+
+def test_reprs_name_things() -> None:
+    h = Harness.make(min_size=1, max_size=1)
+    h.open()
+    slot = h.connecting[0]
+    texts = [
+        repr(st.Failure(st.F_CLOSED)),
+        repr(Connect(slot)),
+        repr(Close(slot)),
+        repr(Log(20, "x %s", 1)),
+        repr(ReconnectFailed()),
+    ]
+    assert "closed" in texts[0] and all(texts)
+    from psycopg_pool._core.commands import LeakSuspected, Rearm, Wake
+
+    assert "Wake(" in repr(Wake(h.new_ticket()))
+    assert repr(Rearm()) == "Rearm()" and "LeakSuspected(" in repr(LeakSuspected(slot))
+
+
+def test_shrink_tracks_the_fewest_idle_connections_between_periods() -> None:
+    h = filled(3, min_size=3, max_size=3, max_idle=10.0, max_lifetime=1e6)
+    h.core.resize(1, 3, h.now)
+    h.tick(10.0)  # first period: starts measuring with 3 idle
+    h.getconn()
+    h.getconn()
+    assert h.core.min_idle_seen == 1
+    h.putconn(h.held[0])
+    h.putconn(h.held[0])
+    h.tick(10.0)
+    assert len(h.core.live) == 2  # one was unused during the whole period
+    h.check()
+
+
+def test_waiters_while_failing_keep_an_earlier_retry() -> None:
+    h = Harness.make(min_size=1, max_size=2)
+    h.open()
+    h.connect_fail(h.connecting[0])
+    h.core.backoff.retry_at = 0.1  # already sooner than a demand probe
+    h.getconn()
+    assert h.core.backoff.retry_at == 0.1
+    h.core.backoff.retry_at = 5.0
+    h.core.sleep_until = 0.0  # the housekeeper already wakes earlier
+    rearms = h.rearms
+    h.getconn()
+    assert h.core.backoff.retry_at == st.DEMAND_PROBE_INTERVAL and h.rearms == rearms
+
+
+def test_withdrawing_a_failed_or_withdrawn_ticket_only_counts() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    _, t = h.getconn()
+    assert t
+    h.withdraw(t)
+    errors = h.core.requests_errors
+    h.core.withdraw(t, h.now, 0)
+    assert t.tstate == st.T_WITHDRAWN and h.core.requests_errors == errors + 1
+
+
+def test_returning_to_idle_after_a_housekeeper_deadline_rearms() -> None:
+    h = filled(1, min_size=1, max_size=2, max_lifetime=100.0, max_idle=1000.0)
+    h.getconn()
+    h.core.next_deadline()  # computed while the only connection is out: the shrink time
+    rearms = h.rearms
+    h.putconn(h.held[0])  # its expiry is earlier than that: the housekeeper must know
+    assert h.rearms == rearms + 1
+    h.core.next_deadline()  # the housekeeper, woken, looks again
+    h.getconn()
+    h.putconn(h.held[0])  # now known: no more wake-ups
+    assert h.rearms == rearms + 1
+
+
+def test_discard_without_a_counter_and_samples_full() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.core.samples = [("wait", 0.0)] * st.MAX_SAMPLES
+    h.getconn()
+    slot = h.held.pop()
+    h.core.discard(slot, h.now, None)
+    h.run()
+    assert h.core.returns_bad == 0 and h.core.connections_lost == 0
+    h.core.sample("timeout", 1.0)
+    assert len(h.core.samples) == st.MAX_SAMPLES  # bounded
+
+
+def test_a_configure_failure_is_not_a_connect_error() -> None:
+    h = Harness.make(min_size=1, max_size=1)
+    h.open()
+    h.connecting.pop()
+    slot = h.core.live.copy().pop()
+    h.core.connect_failed(slot, h.now, False, None)
+    assert h.core.connections_errors == 0 and h.core.fail_count == 1
+
+
+def test_fail_fast_refuses_new_clients_right_after_a_fatal_failure() -> None:
+    h = Harness.make(min_size=1, max_size=1)
+    h.open()
+    h.connect_fail(h.connecting[0], fatal=True)
+    res, t = h.getconn()
+    assert res == st.FAILING and t and t.error and t.error.kind == st.F_CONNECT
+    h.now += st.DEMAND_PROBE_INTERVAL  # later: queue, and let a fresh attempt decide
+    res, t = h.getconn()
+    assert res == st.QUEUED
+    h.tick(0.0)
+    h.connect_fail(h.connecting[0], fatal=True)
+    assert t and t.tstate == st.T_FAILED
+
+
+def test_dirty_return_of_a_connection_not_lent_by_connection() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    slot = h.held[0]
+    h.putconn_dirty(slot)
+    assert h.core.usage_ms == 0 and "usage_ms" not in h.core.touched
+    h.io_done(slot, True)
+    h.check()
+
+
+def test_an_attempt_failing_after_close_changes_nothing() -> None:
+    h = Harness.make(min_size=1, max_size=1)
+    h.open()
+    slot = h.connecting[0]
+    h.close()
+    h.connect_fail(slot)
+    assert h.core.fail_count == 0 and not h.core.backoff.failing
+    assert h.core.live == set()
