@@ -925,6 +925,8 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             name=old.name,
         )
         core.leak_timeout = old.leak_timeout
+        if old.samples is not None:
+            core.samples = []  # a metrics exporter listens in the child too
         self._core = core
         self._lock = Lock()  # the parent's may have been held by a thread not copied here
         self._collected.clear()
