@@ -911,21 +911,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 _detach_socket(conn)
                 if conn._pool is self:
                     conn._pool = _FORKED
-        core = PoolCore(
-            min_size=old.min_size,
-            max_size=old.max_size,
-            num_workers=old.num_workers,
-            max_waiting=old.max_waiting,
-            max_lifetime=old.max_lifetime,
-            max_idle=old.max_idle,
-            reconnect_timeout=old.reconnect_timeout,
-            null=old.null,
-            name=old.name,
-        )
-        core.leak_timeout = old.leak_timeout
-        if old.samples is not None:
-            core.samples = []  # a metrics exporter listens in the child too
-        self._core = core
+        self._core = old.renewed()
         self._lock = Lock()  # the parent's may have been held by a thread not copied here
         self._collected.clear()
         self._bg = None

@@ -831,6 +831,24 @@ class PoolCore:
     def _log_info(self, msg: str, *args: Any) -> None:
         self.out.append(Log(20, msg, *args))
 
+    def renewed(self) -> PoolCore:
+        """A new core with the same settings and no state (for a forked child)."""
+        core = PoolCore(
+            min_size=self.min_size,
+            max_size=self.max_size,
+            num_workers=self.num_workers,
+            max_waiting=self.max_waiting,
+            max_lifetime=self.max_lifetime,
+            max_idle=self.max_idle,
+            reconnect_timeout=self.reconnect_timeout,
+            null=self.null,
+            name=self.name,
+        )
+        core.leak_timeout = self.leak_timeout
+        if self.samples is not None:
+            core.samples = []  # a metrics exporter listens in the child too
+        return core
+
     # ------------------------------------------------------------------
     # Read-only views
 

@@ -663,3 +663,15 @@ def test_an_attempt_failing_after_close_changes_nothing() -> None:
     h.connect_fail(slot)
     assert h.core.fail_count == 0 and not h.core.backoff.failing
     assert h.core.live == set()
+
+
+def test_renewed_core_keeps_settings_not_state() -> None:
+    h = filled(2, min_size=2, max_size=3, max_waiting=5, max_lifetime=50.0, max_idle=9.0)
+    h.core.leak_timeout = 3.0
+    h.core.samples = [("wait", 1.0)]
+    fresh = h.core.renewed()
+    assert (fresh.min_size, fresh.max_size, fresh.max_waiting) == (2, 3, 5)
+    assert (fresh.max_lifetime, fresh.max_idle, fresh.leak_timeout) == (50.0, 9.0, 3.0)
+    assert fresh.live == set() and fresh.status == st.NEW and fresh.samples == []
+    h.core.samples = None
+    assert h.core.renewed().samples is None
