@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -35,12 +36,14 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., Non
     return wrapper
 
 
-async def until(pred: Callable[[], object], what: str, timeout: float = PATIENCE) -> None:
-    """Poll `pred` until true; fail (as a hang) after `timeout`."""
+async def until(
+    pred: Callable[[], object], what: str, timeout: float = PATIENCE, *, hang: bool = True
+) -> None:
+    """Poll `pred` until true; fail after `timeout` (counted as a hang if `hang`)."""
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            TALLY["hangs"] += 1
+            TALLY["hangs"] += hang
             pytest.fail(f"HANG: timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.001)
 
@@ -100,7 +103,14 @@ class Actor(ActorBase):
             self.cm.reschedule(asyncio.get_running_loop().time())
 
     async def finished(self) -> str:
-        await reached(self.done, f"the end of {self.name}")
+        try:
+            await asyncio.wait_for(self.done.wait(), PATIENCE)
+        except asyncio.TimeoutError:
+            TALLY["hangs"] += 1
+            stack = io.StringIO()
+            if self.task is not None:
+                self.task.print_stack(file=stack)
+            pytest.fail(f"HANG: {self.name} never ended:\n{stack.getvalue()}")
         return self.result
 
 

@@ -14,12 +14,14 @@ from .fakes import Fakes
 from .harness import PATIENCE, TALLY, ActorBase, ClientBase, CtxBase, pool_for
 
 
-def until(pred: Callable[[], object], what: str, timeout: float = PATIENCE) -> None:
-    """Poll `pred` until true; fail (as a hang) after `timeout`."""
+def until(
+    pred: Callable[[], object], what: str, timeout: float = PATIENCE, *, hang: bool = True
+) -> None:
+    """Poll `pred` until true; fail after `timeout` (counted as a hang if `hang`)."""
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            TALLY["hangs"] += 1
+            TALLY["hangs"] += hang
             pytest.fail(f"HANG: timed out after {timeout} s waiting for {what}")
         time.sleep(0.001)
 

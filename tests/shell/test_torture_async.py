@@ -671,13 +671,6 @@ def test_await_points_are_covered() -> None:
     assert not unknown, f"COVERED names unknown scenarios: {unknown}"
 
 
-STRANDED = (
-    "BUG: a failed or cancelled inline attempt of a null pool leaves the clients queued"
-    " behind it waiting for their timeout, though the pool has room again:"
-    " PoolCore.connect_failed() returns before _fill() for inline slots"
-)
-
-
 @pytest.mark.parametrize("how", ["cancel", "error"])
 @run_async
 async def test_null_pool_waiter_after_a_failed_inline_attempt(how: str) -> None:
@@ -695,3 +688,49 @@ async def test_null_pool_waiter_after_a_failed_inline_attempt(how: str) -> None:
         assert await first.finished() in (CANCELLED, "OperationalError")
         TALLY["interruptions"] += 1
         assert await second.finished() == "conn", repr(second.error)
+
+
+NO_REARM = (
+    "BUG: a connection discarded while the pool waits to retry a failed attempt is not"
+    " replaced until a client asks: PoolCore._fill() returns early in the backoff window"
+    " without a Rearm, and the housekeeper's deadline ignored the retry time (no demand"
+    " when next_deadline() ran)"
+)
+
+
+def count_deadlines(pool: Any) -> list[float]:
+    """Record the deadlines the housekeeper computes (it alone calls next_deadline())."""
+    core = pool._core
+    seen: list[float] = []
+    real = core.next_deadline
+
+    def next_deadline() -> float:
+        seen.append(real())
+        return seen[-1]
+
+    core.next_deadline = next_deadline
+    return seen
+
+
+@pytest.mark.xfail(strict=True, reason=NO_REARM)
+@run_async
+async def test_refill_after_a_discard_while_waiting_to_retry() -> None:
+    """min_size=2, both lent; an attempt fails; then one comes back broken."""
+    async with scenario(min_size=2, max_size=3) as ctx:
+        core = ctx.pool._core
+        core.backoff.initial_delay = 0.2
+        deadlines = count_deadlines(ctx.pool)
+        first, second = await ctx.take(), await ctx.take()
+        gate = ctx.fakes.block("connect")
+        waiter = ctx.client("waiter")  # the pool grows for it
+        await reached(gate.reached, "the attempt")
+        waiter.cancel()
+        assert await waiter.finished() == CANCELLED
+        n = len(deadlines)
+        gate.open(raising=OperationalError("connection refused"))
+        await until(lambda: len(deadlines) > n, "the housekeeper to look at the failure")
+        break_conn(first)
+        await ctx.give_back(first)  # discarded: the pool is below min_size
+        TALLY["interruptions"] += 2
+        await until(lambda: len(core.live) >= 2, "the pool to refill", 2.0, hang=False)
+        await ctx.give_back(second)

@@ -49,6 +49,7 @@ from .harness import (
     victim_timeout,
 )
 from .sharness import Actor, TCtx, reached, scenario, until
+from .test_torture_async import count_deadlines
 
 SPOTS = Spots()
 spot = SPOTS
@@ -509,3 +510,30 @@ def test_null_pool_waiter_after_a_failed_inline_attempt(how: str) -> None:
         assert first.finished() in ("Interrupt", "OperationalError")
         TALLY["interruptions"] += 1
         assert second.finished() == "conn", repr(second.error)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a connection discarded while the pool waits to retry a failed attempt is"
+    " not replaced until a client asks: PoolCore._fill() returns early in the backoff window"
+    " without a Rearm, and the housekeeper's deadline ignored the retry time",
+)
+def test_refill_after_a_discard_while_waiting_to_retry() -> None:
+    """min_size=2, both lent; an attempt fails; then one comes back broken."""
+    with scenario(min_size=2, max_size=3) as ctx:
+        core = ctx.pool._core
+        core.backoff.initial_delay = 0.2
+        deadlines = count_deadlines(ctx.pool)
+        first, second = ctx.take(), ctx.take()
+        gate = ctx.fakes.block("connect")
+        waiter = ctx.client("waiter", timeout=SHORT)  # the pool grows for it
+        reached(gate.reached, "the attempt")
+        assert waiter.finished() == POOL_TIMEOUT
+        n = len(deadlines)
+        gate.open(raising=OperationalError("connection refused"))
+        until(lambda: len(deadlines) > n, "the housekeeper to look at the failure")
+        break_conn(first)
+        ctx.give_back(first)
+        TALLY["interruptions"] += 2
+        until(lambda: len(core.live) >= 2, "the pool to refill", 2.0, hang=False)
+        ctx.give_back(second)
