@@ -23,6 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import psycopg_pool
 
 from .aharness import ACtx, run_async, scenario, until
@@ -62,24 +64,19 @@ async def one_round(ctx: ACtx, rng: random.Random, cancel: bool) -> str:
     return outcome
 
 
+@pytest.mark.parametrize(
+    ("cancel", "outcomes"),
+    [(False, {"conn", "TimeoutError"}), (True, {"conn", "CancelledError"})],
+    ids=["wait_for-timeout", "outer-cancel"],
+)
 @run_async
-async def test_wait_for_timeout_racing_the_hand_off() -> None:
-    rng = random.Random(1)
+async def test_wait_for_racing_the_hand_off(cancel: bool, outcomes: set[str]) -> None:
+    rng = random.Random(int(cancel))
     seen: Counter[str] = Counter()
     async with scenario(max_size=1) as ctx:
         for _ in range(ROUNDS):
-            seen[await one_round(ctx, rng, cancel=False)] += 1
-    assert set(seen) == {"conn", "TimeoutError"}, seen
-
-
-@run_async
-async def test_cancellation_racing_the_hand_off_through_wait_for() -> None:
-    rng = random.Random(2)
-    seen: Counter[str] = Counter()
-    async with scenario(max_size=1) as ctx:
-        for _ in range(ROUNDS):
-            seen[await one_round(ctx, rng, cancel=True)] += 1
-    assert set(seen) == {"conn", "CancelledError"}, seen
+            seen[await one_round(ctx, rng, cancel)] += 1
+    assert set(seen) == outcomes, seen
 
 
 def test_the_pool_does_not_wait_with_wait_for() -> None:
