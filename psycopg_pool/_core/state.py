@@ -811,7 +811,13 @@ class PoolCore:
         b = self.backoff
         if b.started_at is not None:
             # While failing, one attempt at a time, and only when the schedule says.
-            if self.n_connecting or now < b.retry_at:
+            if self.n_connecting:
+                return
+            if now < b.retry_at:
+                if b.retry_at < self.sleep_until:
+                    # New demand in the backoff window: the housekeeper, asleep since
+                    # before it, must wake up for the retry.
+                    self.out.append(Rearm())
                 return
             par = 1
         n = min(need, par)

@@ -77,6 +77,7 @@ class Harness:
     def run(self) -> None:
         """Execute the commands the core left in its outbox."""
         cmds, self.core.out = self.core.out, []
+        rearmed = False
         for cmd in cmds:
             if isinstance(cmd, Connect):
                 assert cmd.slot.state == st.CONNECTING
@@ -94,6 +95,7 @@ class Harness:
                 self.reconnect_failed += 1
             elif isinstance(cmd, Rearm):
                 self.rearms += 1
+                rearmed = True
             elif isinstance(cmd, Log):
                 self.logs.append(cmd)
             elif isinstance(cmd, LeakSuspected):
@@ -102,6 +104,8 @@ class Harness:
                 self.leaks.append(cmd.slot)
             else:
                 raise AssertionError(f"unknown command {cmd!r}")
+        if rearmed:
+            self.core.next_deadline()  # what the woken housekeeper does
 
     def _closed(self, slot: Slot) -> None:
         assert slot.id not in self.closed, f"{slot} closed twice"
@@ -312,6 +316,11 @@ class Harness:
         assert core.n_connecting <= max(core.num_workers, 1)
         for s in core.idle:
             assert s.generation == core.generation
+        # Liveness: with demand and no attempt running, the housekeeper wakes up for the
+        # next retry (it sleeps until sleep_until unless told to look again).
+        b = core.backoff
+        if core.status == st.OPEN and b.failing and not core.n_connecting and core._need() > 0:
+            assert core.sleep_until <= b.retry_at, "the retry would be missed"
         # Every ticket is accounted for exactly once: ended, or still somewhere.
         assert self.next_ticket == (
             len(self.ended) + len(self.waiting) + len(self.granted) + len(self.ready_waiting)

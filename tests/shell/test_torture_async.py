@@ -690,14 +690,6 @@ async def test_null_pool_waiter_after_a_failed_inline_attempt(how: str) -> None:
         assert await second.finished() == "conn", repr(second.error)
 
 
-NO_REARM = (
-    "BUG: a connection discarded while the pool waits to retry a failed attempt is not"
-    " replaced until a client asks: PoolCore._fill() returns early in the backoff window"
-    " without a Rearm, and the housekeeper's deadline ignored the retry time (no demand"
-    " when next_deadline() ran)"
-)
-
-
 def count_deadlines(pool: Any) -> list[float]:
     """Record the deadlines the housekeeper computes (it alone calls next_deadline())."""
     core = pool._core
@@ -712,7 +704,6 @@ def count_deadlines(pool: Any) -> list[float]:
     return seen
 
 
-@pytest.mark.xfail(strict=True, reason=NO_REARM)
 @run_async
 async def test_refill_after_a_discard_while_waiting_to_retry() -> None:
     """min_size=2, both lent; an attempt fails; then one comes back broken."""

@@ -512,12 +512,6 @@ def test_null_pool_waiter_after_a_failed_inline_attempt(how: str) -> None:
         assert second.finished() == "conn", repr(second.error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a connection discarded while the pool waits to retry a failed attempt is"
-    " not replaced until a client asks: PoolCore._fill() returns early in the backoff window"
-    " without a Rearm, and the housekeeper's deadline ignored the retry time",
-)
 def test_refill_after_a_discard_while_waiting_to_retry() -> None:
     """min_size=2, both lent; an attempt fails; then one comes back broken."""
     with scenario(min_size=2, max_size=3) as ctx:
