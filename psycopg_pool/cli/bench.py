@@ -46,7 +46,9 @@ def add_parser(sub: Any) -> None:
             " $DATABASE_URL a throw-away PostgreSQL is started and removed afterwards."
         ),
     )
-    p.add_argument("--dsn", help="conninfo or URL (default: $DATABASE_URL, else a throw-away server)")
+    p.add_argument(
+        "--dsn", help="conninfo or URL (default: $DATABASE_URL, else a throw-away server)"
+    )
     p.add_argument("--mode", choices=("threads", "asyncio"), default="threads")
     p.add_argument("--workers", type=_positive_int, default=16, help="concurrent clients (16)")
     p.add_argument("--min-size", type=_natural, default=4, help="pool min_size (4)")
@@ -123,9 +125,27 @@ class Run:
         self.peak_size = 0
         self.peak_waiting = 0
 
-    def begin(self) -> None:
+    def go(self, fill_stats: dict[str, int], stats_fn: Callable[[], dict[str, int]]) -> Monitor:
+        """The pool is ready: start the clock and the monitor."""
+        self.fill_stats = fill_stats
+        self.stats_fn = stats_fn
+        monitor = Monitor(self)
         self.started = time.perf_counter()
         self.deadline = self.started + self.args.duration
+        monitor.start()
+        return monitor
+
+    def done(self, monitor: Monitor) -> None:
+        """Every worker has stopped."""
+        self.ended = time.perf_counter()
+        monitor.finish()
+        if self.stats_fn is not None:
+            self.final_stats = self.stats_fn()
+
+    def record(self, rec: WorkerRecord, t0: float, t1: float, t2: float) -> None:
+        """One operation: asked for a connection at t0, got it at t1, gave it back at t2."""
+        rec.add(t1 - t0, t2 - t1)
+        self.recent.append(t2 - t0)
 
     def keep_going(self) -> bool:
         return not self.stop.is_set() and time.perf_counter() < self.deadline
@@ -154,58 +174,60 @@ def _error_kind(ex: BaseException) -> str:
     return "PoolTimeout" if isinstance(ex, PoolTimeout) else type(ex).__name__
 
 
+def pool_options(run: Run) -> dict[str, Any]:
+    return {
+        "min_size": run.min_size,
+        "max_size": run.max_size,
+        "open": False,
+        "name": "bench",
+        "timeout": run.args.timeout,
+        "kwargs": {"application_name": APP_NAME},
+    }
+
+
+def open_failed(ex: PoolTimeout) -> BenchError:
+    return BenchError(f"the pool could not open its connections: {mask(str(ex))}")
+
+
+def query_failed(ex: psycopg.Error) -> BenchError:
+    return BenchError(f"the query fails: {error_text(ex)}")
+
+
 def run_threads(run: Run, dsn: str) -> None:
-    args = run.args
-    pool: ConnectionPool[Any] = ConnectionPool(
-        dsn,
-        min_size=run.min_size,
-        max_size=run.max_size,
-        open=False,
-        name="bench",
-        timeout=args.timeout,
-        kwargs={"application_name": APP_NAME},
-    )
+    pool: ConnectionPool[Any] = ConnectionPool(dsn, **pool_options(run))
     t0 = time.perf_counter()
     try:
-        pool.open(wait=True, timeout=args.timeout)
+        pool.open(wait=True, timeout=run.args.timeout)
     except PoolTimeout as ex:
-        raise BenchError(f"the pool could not open its connections: {mask(str(ex))}") from None
+        raise open_failed(ex) from None
     run.fill_seconds = time.perf_counter() - t0
     try:
+        query = run.args.query
         try:
             with pool.connection() as conn:
-                _consume(conn.execute(args.query))
+                _consume(conn.execute(query))
         except psycopg.Error as ex:
-            raise BenchError(f"the query fails: {error_text(ex)}") from None
-        run.fill_stats = pool.pop_stats()
-        run.stats_fn = pool.get_stats
-        query = args.query
+            raise query_failed(ex) from None
 
         def work(rec: WorkerRecord) -> None:
             clock = time.perf_counter
-            recent = run.recent.append
             while run.keep_going():
                 t0 = clock()
                 try:
                     with pool.connection() as conn:
                         t1 = clock()
-                        cur = conn.execute(query)
-                        if cur.pgresult is not None and cur.pgresult.ntuples:
-                            cur.fetchall()
+                        _consume(conn.execute(query))
                     t2 = clock()
                 except Exception as ex:
                     rec.error(_error_kind(ex), error_text(ex))
                     continue
-                rec.add(t1 - t0, t2 - t1)
-                recent(t2 - t0)
+                run.record(rec, t0, t1, t2)
 
         threads = [
             threading.Thread(target=work, args=(rec,), name=f"bench-worker-{i}", daemon=True)
             for i, rec in enumerate(run.records)
         ]
-        monitor = Monitor(run)
-        run.begin()
-        monitor.start()
+        monitor = run.go(pool.pop_stats(), pool.get_stats)
         for t in threads:
             t.start()
         try:
@@ -213,13 +235,10 @@ def run_threads(run: Run, dsn: str) -> None:
                 while t.is_alive():
                     t.join(0.2)
         except KeyboardInterrupt:
-            run.interrupted = True
-            run.stop.set()
+            _interrupt(run)
             for t in threads:
                 t.join()
-        run.ended = time.perf_counter()
-        monitor.finish()
-        run.final_stats = pool.get_stats()
+        run.done(monitor)
     finally:
         pool.close()
 
@@ -229,21 +248,12 @@ def run_asyncio(run: Run, dsn: str) -> None:
 
 
 async def _run_asyncio(run: Run, dsn: str) -> None:
-    args = run.args
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        dsn,
-        min_size=run.min_size,
-        max_size=run.max_size,
-        open=False,
-        name="bench",
-        timeout=args.timeout,
-        kwargs={"application_name": APP_NAME},
-    )
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(dsn, **pool_options(run))
     t0 = time.perf_counter()
     try:
-        await pool.open(wait=True, timeout=args.timeout)
+        await pool.open(wait=True, timeout=run.args.timeout)
     except PoolTimeout as ex:
-        raise BenchError(f"the pool could not open its connections: {mask(str(ex))}") from None
+        raise open_failed(ex) from None
     run.fill_seconds = time.perf_counter() - t0
     loop = asyncio.get_running_loop()
     try:
@@ -251,40 +261,30 @@ async def _run_asyncio(run: Run, dsn: str) -> None:
     except (NotImplementedError, RuntimeError, ValueError):
         pass  # not the main thread, or no signals here: Ctrl-C ends the run abruptly
     try:
+        query = run.args.query
         try:
             async with pool.connection() as conn:
-                await _aconsume(await conn.execute(args.query))
+                await _aconsume(await conn.execute(query))
         except psycopg.Error as ex:
-            raise BenchError(f"the query fails: {error_text(ex)}") from None
-        run.fill_stats = pool.pop_stats()
-        run.stats_fn = pool.get_stats
-        query = args.query
+            raise query_failed(ex) from None
 
         async def work(rec: WorkerRecord) -> None:
             clock = time.perf_counter
-            recent = run.recent.append
             while run.keep_going():
                 t0 = clock()
                 try:
                     async with pool.connection() as conn:
                         t1 = clock()
-                        cur = await conn.execute(query)
-                        if cur.pgresult is not None and cur.pgresult.ntuples:
-                            await cur.fetchall()
+                        await _aconsume(await conn.execute(query))
                     t2 = clock()
                 except Exception as ex:
                     rec.error(_error_kind(ex), error_text(ex))
                     continue
-                rec.add(t1 - t0, t2 - t1)
-                recent(t2 - t0)
+                run.record(rec, t0, t1, t2)
 
-        monitor = Monitor(run)
-        run.begin()
-        monitor.start()
+        monitor = run.go(pool.pop_stats(), pool.get_stats)
         await asyncio.gather(*(work(rec) for rec in run.records))
-        run.ended = time.perf_counter()
-        monitor.finish()
-        run.final_stats = pool.get_stats()
+        run.done(monitor)
     finally:
         try:
             loop.remove_signal_handler(signal.SIGINT)
@@ -349,7 +349,11 @@ class Monitor:
             rate = (ops - last_ops) / max(1e-9, now - last_ops_t)
             last_ops, last_ops_t, last_show = ops, now, now
             self._show(now - run.started, rate, ops, run.recent.drain(), stats)
-        run.sample()
+        if self.display is not None:  # the final state: the last line always says it
+            ops = run.ops()
+            elapsed = max(1e-9, run.ended - run.started)
+            stats = run.stats_fn() if run.stats_fn is not None else {}
+            self._show(elapsed, ops / elapsed, ops, run.recent.drain(), stats)
 
     def _show(
         self, elapsed: float, rate: float, ops: int, window: Histogram, stats: dict[str, int]
@@ -359,7 +363,7 @@ class Monitor:
         args = run.args
         total = args.duration
         elapsed = min(elapsed, total)
-        q = {k: d.fmt_ms(window.quantile(v)) for k, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))}
+        q = {k: d.fmt_ms(window.quantile(v)) for k, v in _LIVE_QUANTILES}
         size = stats.get("pool_size", 0)
         idle = stats.get("pool_available", 0)
         waiting = stats.get("requests_waiting", 0)
@@ -380,6 +384,9 @@ class Monitor:
             f"  errors {errors}"
         )
         self.display.update(block, line)
+
+
+_LIVE_QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
 
 
 def _short(query: str, width: int = 40) -> str:
@@ -433,7 +440,6 @@ def results(run: Run, server: ServerInfo) -> dict[str, Any]:
     connect_ms = stats.get("connections_ms", 0) / nconn if nconn else None
     sampled_busy = run.busy_sum / run.samples if run.samples else None
     advice = advise(
-        workers=run.workers,
         max_size=run.max_size,
         min_size=run.min_size,
         ops=ops,
@@ -499,7 +505,11 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
     ]
 
     def row(label: str, s: dict[str, float | None]) -> list[str]:
-        return [label] + [d.fmt_ms(None if s[k] is None else s[k] / 1000.0) for k in _COLS]
+        cells = [label]
+        for k in _COLS:
+            ms = s[k]
+            cells.append(d.fmt_ms(None if ms is None else ms / 1000.0))
+        return cells
 
     lines += [
         "  " + x

@@ -62,7 +62,7 @@ class LiveDisplay:
 
 def progress_bar(done: float, total: float, width: int = 30) -> str:
     frac = 0.0 if total <= 0 else min(1.0, max(0.0, done / total))
-    full = int(round(frac * width))
+    full = round(frac * width)
     return "[" + "#" * full + "." * (width - full) + "]"
 
 
@@ -78,7 +78,9 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None) ->
     widths = [max(len(r[i]) for r in all_rows) for i in range(ncols)]
     lines = []
     for r in all_rows:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        cells = [r[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
+        ]
         lines.append("  ".join(cells).rstrip())
     return lines
 
@@ -103,10 +105,12 @@ def fmt_int(n: float) -> str:
 
 def fmt_seconds(seconds: float) -> str:
     """A setting's duration, as PostgreSQL shows them: '30s', '5min', '1h'."""
+    if not seconds:
+        return "0"
     if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{seconds / 3600:.0f}h"
+        return f"{seconds / 3600:g}h"
     if seconds >= 60 and seconds % 60 == 0:
-        return f"{seconds / 60:.0f}min"
+        return f"{seconds / 60:g}min"
     if seconds >= 1:
         return f"{seconds:g}s"
     return f"{seconds * 1000:g}ms"

@@ -53,7 +53,7 @@ class Histogram:
             self.max = seconds
 
     def merge(self, other: Histogram) -> None:
-        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
         self.n += other.n
         self.total += other.total
         self.max = max(self.max, other.max)

@@ -3,14 +3,16 @@
 Two tools:
 
 - Little's law: in a steady state the average number of connections in use is the
-  throughput times the mean time each is held (L = X * U). That is the floor: fewer
-  connections than that cannot carry the load.
-- A replay: the benchmark's closed loop (N workers, each asking for a connection,
-  holding it for a time drawn from the measured ones, then spending the measured
-  time outside the pool before asking again) is simulated against pools of each
-  size, to find the smallest `max_size` whose 95th percentile of waits stays under
-  a target. It assumes the times in use stay as measured: if the server is the
-  bottleneck, more connections make each query slower and the estimate is low.
+  throughput times the mean time each is held (L = X * U). Fewer connections than
+  that cannot carry the load.
+- A replay: requests arriving at random (a Poisson process) at the measured
+  throughput, each holding a connection for a time drawn from the measured ones,
+  are simulated against pools of growing size, to find the smallest `max_size`
+  whose 95th percentile of waits stays under a target. The benchmark's own workers
+  ask again as soon as they are served, which says how much a configuration can
+  carry; random arrivals are closer to what an application sees. The replay assumes
+  the times in use stay as measured: if the server is the bottleneck, more
+  connections make each query slower and the estimate is low.
 """
 
 from __future__ import annotations
@@ -18,83 +20,56 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .measure import Histogram
 
-REPLAY_OPS = 12_000
+REPLAY_OPS = 20_000
 WAIT_QUANTILE = 0.95
 
 
-def replay(workers: int, size: int, services: list[float], think: float) -> float:
-    """The WAIT_QUANTILE wait of `workers` closed-loop clients sharing `size` connections.
-
-    `services` are the times in use, drawn in advance (the same list for every size,
-    so that sizes are compared on the same work); `think` is the time a client spends
-    outside the pool between two requests.
+def replay(size: int, arrivals: list[float], services: list[float]) -> float:
+    """The WAIT_QUANTILE wait of requests arriving at `arrivals` times (sorted) and
+    holding a connection for `services` seconds, with `size` connections, first come
+    first served.
     """
-    if size >= workers:
-        return 0.0
-    # Events: (time, order, client arrival time or -1.0 for "a connection is freed").
-    events: list[tuple[float, int, float]] = [(0.0, i, 0.0) for i in range(workers)]
-    order = workers
-    free = size
-    queue: deque[float] = deque()
-    waits: list[float] = []
-    it = iter(services)
-    warmup = 2 * workers
-    target = len(services) - workers
-    while len(waits) < target:
-        t, _, arrived = heapq.heappop(events)
-        if arrived >= 0.0:  # a client asks for a connection
-            if free:
-                free -= 1
-                waits.append(0.0)
-                heapq.heappush(events, (t + next(it), order, -1.0))
-                order += 1
-            else:
-                queue.append(t)
-        else:  # a client gives one back, and will ask again after `think`
-            heapq.heappush(events, (t + think, order, t + think))
-            order += 1
-            if queue:
-                waits.append(t - queue.popleft())
-                heapq.heappush(events, (t + next(it), order, -1.0))
-                order += 1
-            else:
-                free += 1
-    kept = sorted(waits[warmup:] if len(waits) > 2 * warmup else waits)
+    # The times at which each connection is free again.
+    free_at = [0.0] * size
+    waits = []
+    for t, s in zip(arrivals, services, strict=True):
+        first = free_at[0]
+        start = first if first > t else t
+        waits.append(start - t)
+        heapq.heapreplace(free_at, start + s)
+    warmup = len(waits) // 20
+    kept = sorted(waits[warmup:])
     return kept[min(len(kept) - 1, max(0, math.ceil(WAIT_QUANTILE * len(kept)) - 1))]
 
 
 def smallest_size(
-    workers: int, use: Histogram, think: float, target: float, seed: int = 7
-) -> tuple[int, dict[int, float]]:
+    throughput: float, use: Histogram, target: float, seed: int = 7
+) -> tuple[int, float]:
     """The smallest pool size whose replayed p95 wait is at most `target` seconds.
 
-    Returns it with the p95 wait of every size tried.
+    Returns it with its p95 wait. Sizes at or below the average load (Little's law)
+    are skipped: their queue grows without end.
     """
     rng = random.Random(seed)
     sampler = use.sampler(rng)
-    services = [sampler.draw() for _ in range(REPLAY_OPS + workers)]
-    tried: dict[int, float] = {}
-
-    def p95(size: int) -> float:
-        if size not in tried:
-            tried[size] = replay(workers, size, services, think)
-        return tried[size]
-
-    lo, hi = 1, max(1, workers)  # a pool of `workers` connections never makes anyone wait
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if p95(mid) <= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    p95(lo)
-    return lo, tried
+    services = [sampler.draw() for _ in range(REPLAY_OPS)]
+    t = 0.0
+    arrivals = []
+    for _ in range(REPLAY_OPS):
+        t += rng.expovariate(throughput)
+        arrivals.append(t)
+    mean_use = sum(services) / len(services)
+    size = max(1, math.floor(throughput * mean_use) + 1)
+    while True:
+        p95 = replay(size, arrivals, services)
+        if p95 <= target or size >= 100_000:
+            return size, p95
+        size += 1
 
 
 @dataclass
@@ -115,7 +90,6 @@ class Advice:
     sampled_busy: float | None = None  # the pool's own gauges, averaged
     recommended_max_size: int | None = None
     predicted_p95_wait_ms: float | None = None  # at the recommended size
-    model_p95_wait_ms: float | None = None  # the replay at the size that ran
     measured_p95_wait_ms: float | None = None
     recommended_min_size: int | None = None
     connect_ms: float | None = None
@@ -131,7 +105,6 @@ class Advice:
 
 def advise(
     *,
-    workers: int,
     max_size: int,
     min_size: int,
     ops: int,
@@ -167,20 +140,13 @@ def advise(
         )
     )
 
-    # The time a worker spends outside the pool between two requests.
-    think = max(0.0, workers * elapsed / ops - mean_wait - mean_use)
-    best, tried = smallest_size(workers, use, think, target)
-    model = tried.get(max_size)
-    if model is None and max_size < workers:
-        model = replay_at(workers, max_size, use, think)
+    best, p95 = smallest_size(throughput, use, target)
     adv.recommended_max_size = best
-    adv.predicted_p95_wait_ms = round(tried[best] * 1000, 3)
-    adv.model_p95_wait_ms = None if model is None else round(model * 1000, 3)
+    adv.predicted_p95_wait_ms = round(p95 * 1000, 3)
     measured = wait.quantile(WAIT_QUANTILE)
     adv.measured_p95_wait_ms = None if measured is None else round(measured * 1000, 3)
-    tgt = f"{target * 1000:g} ms"
     if best < max_size:
-        verdict = f"you ran {max_size}: {max_size - best} more than needed for this load"
+        verdict = f"you ran {max_size}: {max_size - best} more than this load needs"
     elif best > max_size:
         verdict = f"you ran {max_size}: raise it to {best}"
     else:
@@ -188,19 +154,11 @@ def advise(
     adv.lines.append(
         (
             "max_size",
-            f"{best} would have kept 95% of waits under {tgt} for {workers} workers"
-            f" (predicted p95 wait {tried[best] * 1000:.3g} ms); {verdict}",
+            f"{best} serves {throughput:,.0f} queries/s arriving at random with 95% of waits"
+            f" under {target * 1000:g} ms (replay of the measured times in use: p95 wait"
+            f" {p95 * 1000:.3g} ms); {verdict}",
         )
     )
-    if model is not None and measured is not None:
-        adv.lines.append(
-            (
-                "model check",
-                f"at max_size {max_size} the replay predicts a p95 wait of"
-                f" {model * 1000:.3g} ms; measured: {measured * 1000:.3g} ms"
-                " (the replay assumes the time in use stays as measured)",
-            )
-        )
 
     rec_min = max(1, min(best, math.ceil(busy)))
     adv.recommended_min_size = rec_min
@@ -215,13 +173,6 @@ def advise(
     adv.budget = budget(processes, best, server)
     adv.lines.append(("server budget", adv.budget["text"]))
     return adv
-
-
-def replay_at(workers: int, size: int, use: Histogram, think: float, seed: int = 7) -> float:
-    rng = random.Random(seed)
-    sampler = use.sampler(rng)
-    services = [sampler.draw() for _ in range(REPLAY_OPS + workers)]
-    return replay(workers, size, services, think)
 
 
 def budget(processes: int, per_process: int, server: ServerInfo) -> dict[str, Any]:

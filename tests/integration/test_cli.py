@@ -1,0 +1,214 @@
+"""The ``psycopg-pool`` command as a user runs it: a real process, its real output.
+
+Without a terminal the output must be plain lines (no escape sequence at all); on a
+terminal (a pseudo-terminal here) the live block is redrawn in place. Either way the
+run ends with the summary and the sizing advice. Durations are kept short: what is
+checked is the shape of the output, never a number that depends on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from .helpers import refused_conninfo
+
+ROOT = Path(__file__).resolve().parents[2]
+ESCAPE = re.compile(r"[\x1b\x9b]")  # ESC, or a C1 control sequence introducer
+PROGRESS = re.compile(
+    r"^\[ *\d+\.\d/[\d.]+ s\] [\d,]+ queries/s  p50 \S+ ms  p95 \S+ ms  p99 \S+ ms"
+    r"  pool size \d+/\d+ idle \d+ waiting \d+  errors \d+$"
+)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "psycopg_pool", *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=env if env is not None else cli_env(),
+        timeout=120,
+        check=False,
+    )
+
+
+ADVICE_TOPICS = ("busy connections", "max_size", "min_size", "server budget")
+
+
+def advice_topics(out: str) -> list[str]:
+    """The topics of the advice lines, in order (each line starts with its topic)."""
+    after = out.split("SIZING ADVICE", 1)[1].splitlines()[1:]
+    lines = [line.strip() for line in after if line.startswith("  ")]
+    return [next((t for t in ADVICE_TOPICS if line.startswith(t)), line) for line in lines]
+
+
+def test_bench_without_a_terminal_prints_plain_lines(dsn: str) -> None:
+    res = run_cli(
+        "bench",
+        "--dsn",
+        dsn,
+        "--duration",
+        "0.8",
+        "--workers",
+        "6",
+        "--min-size",
+        "2",
+        "--max-size",
+        "3",
+        "--processes",
+        "4",
+    )
+    assert res.returncode == 0, res.stderr
+    assert not ESCAPE.search(res.stdout + res.stderr)
+    lines = res.stdout.splitlines()
+    progress = [line for line in lines if line.startswith("[")]
+    assert progress, res.stdout  # at least the final state
+    for line in progress:
+        assert PROGRESS.match(line), line
+    assert any(line.startswith("SUMMARY: ") for line in lines)
+    assert "threads, 6 workers, min_size 2, max_size 3, query: SELECT 1" in res.stdout
+    for label in ("waiting for a connection", "holding it (query, commit)", "total"):
+        assert any(line.strip().startswith(label) for line in lines), label
+    assert advice_topics(res.stdout) == list(ADVICE_TOPICS)
+    budget = next(line for line in lines if line.strip().startswith("server budget"))
+    assert "4 processes x max_size" in budget
+    assert "max_connections" in budget
+    assert "Little's law" in res.stdout
+
+
+def test_bench_json_asyncio(dsn: str) -> None:
+    res = run_cli(
+        "bench",
+        "--dsn",
+        dsn,
+        "--mode",
+        "asyncio",
+        "--workers",
+        "8",
+        "--max-size",
+        "4",
+        "--duration",
+        "0.5",
+        "--target-wait",
+        "20",
+        "--json",
+    )
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)  # one JSON object and nothing else
+    assert data["config"]["mode"] == "asyncio"
+    assert data["config"]["max_size"] == 4
+    assert data["queries"] > 0
+    assert data["errors"] == {}
+    for key in ("wait_ms", "use_ms", "latency_ms"):
+        assert set(data[key]) == {"p50", "p95", "p99", "max", "mean"}
+        assert data[key]["p50"] <= data[key]["p99"] <= data[key]["max"]
+    assert data["server"]["max_connections"] > 0
+    advice = data["advice"]
+    assert advice["target_wait_ms"] == 20
+    assert advice["busy_connections"] > 0
+    assert advice["recommended_max_size"] >= max(1, int(advice["busy_connections"]))
+    assert advice["budget"]["connections"] == advice["recommended_max_size"]
+    assert advice["budget"]["fits"] is True
+    assert [line["topic"] for line in advice["lines"]] == list(ADVICE_TOPICS)
+    assert data["pool"]["stats"]["pool_max"] == 4
+
+
+def test_bench_on_a_terminal_redraws_in_place(dsn: str) -> None:
+    """On a (pseudo-)terminal: the block is redrawn with cursor moves, then the summary."""
+    script = Path(sys.executable).parent / "psycopg-pool"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "psycopg_pool"]
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [*cmd, "bench", "--dsn", dsn, "--duration", "0.6", "--workers", "4"],
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        env=cli_env(TERM="xterm"),
+    )
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the process closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    if proc.stderr:
+        proc.stderr.close()
+    out = b"".join(chunks).decode()
+    assert "\x1b[?25l" in out  # cursor hidden while drawing ...
+    assert "\x1b[?25h" in out  # ... and given back
+    assert "\x1b[2K" in out
+    assert "throughput" in out and "latency" in out and "pool        size" in out
+    summary = out[out.index("\x1b[?25h") :]
+    assert "SUMMARY: " in summary and "SIZING ADVICE" in summary
+    assert not ESCAPE.search(summary.replace("\x1b[?25h", "", 1))
+
+
+def test_demo_script_runs_the_bench_on_a_throwaway_server() -> None:
+    """README's demo command, with a shorter run: no DSN, so a server of its own."""
+    res = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "demo.sh"), "--duration", "0.5", "--workers", "4"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=cli_env(),
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "starting a throw-away PostgreSQL" in res.stderr
+    assert "removing the throw-away PostgreSQL" in res.stderr
+    match = re.search(r"started in [\d.]+ s: (host=.*)", res.stderr)
+    assert match is not None, res.stderr
+    assert "SUMMARY: " in res.stdout and "SIZING ADVICE" in res.stdout
+    assert not ESCAPE.search(res.stdout + res.stderr)
+    with pytest.raises(psycopg.OperationalError):  # gone with the command
+        psycopg.connect(match.group(1), connect_timeout=2).close()
+
+
+def test_bench_query_error_is_reported(dsn: str) -> None:
+    res = run_cli("bench", "--dsn", dsn, "--duration", "0.2", "--query", "SELEC 1")
+    assert res.returncode == 1
+    assert "the query fails: SyntaxError" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stdout == ""
+
+
+def test_bench_unreachable_server_masks_the_password() -> None:
+    secret = "Hunter2-not-printed"
+    conninfo = refused_conninfo() + f" password={secret}"
+    res = run_cli("bench", "--dsn", conninfo, "--duration", "0.2", "--timeout", "0.5")
+    assert res.returncode == 1
+    assert "psycopg-pool bench: the pool could not open its connections" in res.stderr
+    assert "Connection refused" in res.stderr or "connection refused" in res.stderr
+    assert secret not in res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_usage_errors() -> None:
+    res = run_cli("bench", "--workers", "0")
+    assert res.returncode == 2
+    assert "--workers" in res.stderr
+    res = run_cli("doctor", env=cli_env())
+    assert res.returncode == 2
+    assert "give a DSN" in res.stderr
