@@ -205,6 +205,12 @@ class ACtx(CtxBase):
         await asyncio.wait_for(self.pool.close(), 2 * PATIENCE)
         await until(self.all_closed, "every connection to be closed")
         self.counted()
+        # A closed pool can be opened again, and works as new.
+        await self.pool.open(wait=not self.pool._null, timeout=PATIENCE)
+        await self.serves_at_once()
+        await asyncio.wait_for(self.pool.close(), 2 * PATIENCE)
+        await until(self.all_closed, "every connection to be closed again")
+        self.counted()
 
 
 @contextlib.asynccontextmanager

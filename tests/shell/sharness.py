@@ -138,6 +138,12 @@ class TCtx(CtxBase):
         self.pool.close()
         until(self.all_closed, "every connection to be closed")
         self.counted()
+        # A closed pool can be opened again, and works as new.
+        self.pool.open(wait=not self.pool._null, timeout=PATIENCE)
+        self.serves_at_once()
+        self.pool.close()
+        until(self.all_closed, "every connection to be closed again")
+        self.counted()
 
 
 @contextlib.contextmanager

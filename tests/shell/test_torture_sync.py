@@ -419,10 +419,12 @@ def test_timed_out_as_the_grant_arrives(monkeypatch: pytest.MonkeyPatch) -> None
             fakes.hit("wait", self)
             return False
 
+        waiting = Waiter.wait
         monkeypatch.setattr(Waiter, "wait", timing_out)
         victim, gate = _granted_while_blocked(ctx)
         gate.open()
         assert victim.finished() == POOL_TIMEOUT
+        monkeypatch.setattr(Waiter, "wait", waiting)
         assert ctx.pool._core.counts()[st.IDLE] == 1
         TALLY["interruptions"] += 1
 
