@@ -9,6 +9,7 @@ server or conninfo message goes through `mask()` first.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
@@ -149,8 +150,15 @@ def _coro_frames(coro: Any) -> Iterable[Any]:
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
 
 
+# The package's own frames are not holders: the thread or task explaining a timeout
+# has the connection in a local of describe_owner(), and would name itself.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def _frames_hold(frames: Iterable[Any], conn: Any) -> bool:
     for frame in frames:
+        if frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            continue
         try:
             if any(v is conn for v in frame.f_locals.values()):
                 return True
