@@ -49,7 +49,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--dsn", help="conninfo or URL (default: $DATABASE_URL, else a throw-away server)"
     )
-    p.add_argument("--mode", choices=("threads", "asyncio"), default="threads")
+    p.add_argument(
+        "--mode",
+        choices=("threads", "asyncio"),
+        default="threads",
+        help="workers are threads (default) or asyncio tasks",
+    )
     p.add_argument("--workers", type=_positive_int, default=16, help="concurrent clients (16)")
     p.add_argument("--min-size", type=_natural, default=4, help="pool min_size (4)")
     p.add_argument("--max-size", type=_positive_int, help="pool max_size (default: min_size)")
@@ -349,7 +354,8 @@ class Monitor:
             rate = (ops - last_ops) / max(1e-9, now - last_ops_t)
             last_ops, last_ops_t, last_show = ops, now, now
             self._show(now - run.started, rate, ops, run.recent.drain(), stats)
-        if self.display is not None:  # the final state: the last line always says it
+        now = time.perf_counter()
+        if self.display is not None and now - last_show > self.every / 2:  # the final state
             ops = run.ops()
             elapsed = max(1e-9, run.ended - run.started)
             stats = run.stats_fn() if run.stats_fn is not None else {}

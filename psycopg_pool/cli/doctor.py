@@ -61,9 +61,6 @@ def add_parser(sub: Any) -> None:
         "--processes", type=int, default=1, help="processes that will each run a pool (1)"
     )
     p.add_argument(
-        "--max-idle", type=float, default=600.0, help="the pool's max_idle, seconds (600)"
-    )
-    p.add_argument(
         "--max-lifetime",
         type=float,
         default=3600.0,

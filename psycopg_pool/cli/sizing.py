@@ -87,6 +87,7 @@ class ServerInfo:
 class Advice:
     target_wait_ms: float
     busy_connections: float | None = None  # Little's law
+    waiting_clients: float | None = None  # Little's law on the queue
     sampled_busy: float | None = None  # the pool's own gauges, averaged
     recommended_max_size: int | None = None
     predicted_p95_wait_ms: float | None = None  # at the recommended size
@@ -139,6 +140,18 @@ def advise(
             f" {busy:.1f} connections busy on average{check}",
         )
     )
+    queued = throughput * mean_wait
+    adv.waiting_clients = round(queued, 2)
+    text = (
+        f"{throughput:,.0f} queries/s x {mean_wait * 1000:.3g} ms waiting ="
+        f" {queued:.1f} clients waiting for a connection on average"
+    )
+    if queued >= 1.0:
+        text += (
+            ": the pool was the bottleneck, and the throughput above is what"
+            f" {max_size} connections carry, not what the workers asked for"
+        )
+    adv.lines.append(("waiting clients", text))
 
     best, p95 = smallest_size(throughput, use, target)
     adv.recommended_max_size = best

@@ -47,7 +47,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-ADVICE_TOPICS = ("busy connections", "max_size", "min_size", "server budget")
+ADVICE_TOPICS = ("busy connections", "waiting clients", "max_size", "min_size", "server budget")
 
 
 def advice_topics(out: str) -> list[str]:
