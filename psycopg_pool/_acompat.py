@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Coroutine
 from queue import Empty, SimpleQueue
 from typing import Any
@@ -79,18 +80,73 @@ class AsyncWaiter(Ticket):
         if not self.fut.done():
             self.fut.set_result(True)
 
-    async def wait(self, timeout: float) -> bool:
+    async def wait(self, timeout: float, deadlines: AsyncDeadlines | None = None) -> bool:
         """True if woken, False if `timeout` passed first; cancellation propagates."""
         fut = self.fut
         if fut.done():
             return fut.result()
         if timeout <= 0:
             return False
+        if deadlines is not None and deadlines.add(fut, time.monotonic() + timeout):
+            return await fut
         handle = fut.get_loop().call_later(timeout, _expire, fut)
         try:
             return await fut
         finally:
             handle.cancel()
+
+
+class AsyncDeadlines:
+    """One timer for the waiting clients of a pool, rather than one each.
+
+    A timer per waiter costs more than the rest of a hand-off when hundreds of
+    tasks queue for a few connections (the loop's timer heap compares handles in
+    Python). Clients queue first come, first served, and with the same timeout
+    their deadlines come in order: they are kept in a deque, the timer is set for
+    the oldest one still waiting, and entries whose client was served are dropped
+    from the front as new ones arrive. A deadline out of order (a shorter timeout
+    than the clients before) is refused, and that waiter uses a timer of its own.
+    """
+
+    __slots__ = ("_at", "_handle", "_queue")
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[float, asyncio.Future[bool]]] = deque()
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = float("inf")
+
+    def add(self, fut: asyncio.Future[bool], deadline: float) -> bool:
+        queue = self._queue
+        while queue and queue[0][1].done():
+            queue.popleft()
+        if queue and deadline < queue[-1][0]:
+            return False
+        queue.append((deadline, fut))
+        if deadline < self._at:
+            self._arm(fut.get_loop(), queue[0][0])
+        return True
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._at = at
+        self._handle = loop.call_later(max(0.0, at - time.monotonic()), self._fire, loop)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._handle = None
+        self._at = float("inf")
+        now = time.monotonic()
+        queue = self._queue
+        while queue and (queue[0][1].done() or queue[0][0] <= now):
+            fut = queue.popleft()[1]
+            if not fut.done():
+                fut.set_result(False)
+        if queue:
+            self._arm(loop, queue[0][0])
+
+
+class Deadlines:
+    """Threads wait on a lock with a timeout of their own: nothing to share."""
 
 
 def _expire(fut: asyncio.Future[bool]) -> None:
@@ -114,7 +170,7 @@ class Waiter(Ticket):
         except RuntimeError:  # already released: the core wakes a ticket once
             pass
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float, deadlines: Deadlines | None = None) -> bool:
         if timeout <= 0:
             return self.lock.acquire(blocking=False)
         return self.lock.acquire(timeout=timeout)

@@ -33,6 +33,7 @@ from . import _config
 from . import _connector as connector
 from ._acompat import (
     Background,
+    Deadlines,
     PoolMixin,
     ReturningConnection,
     Waiter,
@@ -176,6 +177,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         self._lock = Lock()
         self._bg: Background | None = None
         self._wakeup = Wakeup()
+        self._deadlines = Deadlines()
         self._stopping = False
         self._open_implicit = False
 
@@ -266,6 +268,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             self._bg = bg
             self._stopping = False
             self._wakeup = wakeup = Wakeup()
+            self._deadlines = Deadlines()
             core.open(monotonic())
             cmds = self._swap_out()
         bg.daemon(f"{self.name}-scheduler", _housekeeper, weakref.ref(self), wakeup)
@@ -505,7 +508,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         check_error: Exception | None,
     ) -> Slot:
         try:
-            woken = ticket.wait(deadline - monotonic())
+            woken = ticket.wait(deadline - monotonic(), self._deadlines)
             if woken:
                 now = monotonic()
                 with self._lock:

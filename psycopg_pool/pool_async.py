@@ -31,6 +31,7 @@ from . import _config
 from . import _connector_async as connector
 from ._acompat import (
     AsyncBackground,
+    AsyncDeadlines,
     AsyncPoolMixin,
     AsyncReturningConnection,
     AsyncWaiter,
@@ -174,6 +175,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         self._lock = Lock()
         self._bg: AsyncBackground | None = None
         self._wakeup = AsyncWakeup()
+        self._deadlines = AsyncDeadlines()
         self._stopping = False
         self._open_implicit = False
 
@@ -264,6 +266,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             self._bg = bg
             self._stopping = False
             self._wakeup = wakeup = AsyncWakeup()
+            self._deadlines = AsyncDeadlines()
             core.open(monotonic())
             cmds = self._swap_out()
         bg.daemon(f"{self.name}-scheduler", _housekeeper, weakref.ref(self), wakeup)
@@ -503,7 +506,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         check_error: Exception | None,
     ) -> Slot:
         try:
-            woken = await ticket.wait(deadline - monotonic())
+            woken = await ticket.wait(deadline - monotonic(), self._deadlines)
             if woken:
                 now = monotonic()
                 with self._lock:

@@ -36,6 +36,7 @@ WORDS = {
     "AsyncConnection": "Connection",
     "AsyncWaiter": "Waiter",
     "AsyncWakeup": "Wakeup",
+    "AsyncDeadlines": "Deadlines",
     "AsyncBackground": "Background",
     "AsyncPoolMixin": "PoolMixin",
     "AsyncReturningConnection": "ReturningConnection",
