@@ -8,9 +8,12 @@ differences in one module is what lets the two shells be one source.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
+import itertools
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -18,7 +21,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Coroutine
 from queue import Empty, SimpleQueue
-from typing import Any
+from typing import Any, ClassVar
 
 from psycopg import AsyncConnection, Connection
 
@@ -174,6 +177,88 @@ class Waiter(Ticket):
         if timeout <= 0:
             return self.lock.acquire(blocking=False)
         return self.lock.acquire(timeout=timeout)
+
+
+# ----------------------------------------------------------------------
+# Bounding a check by the client's deadline
+
+
+def cut_connection(conn: Any) -> None:
+    """Shut the connection's socket down, so that whatever waits on it fails now.
+
+    A check on a connection whose network went silent would otherwise block until
+    TCP gives up, long after the client's deadline. The shutdown acts on the socket
+    itself (through a duplicate descriptor), so psycopg sees the connection end.
+    """
+    try:
+        fd = conn.pgconn.socket
+    except Exception:
+        return
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+class AsyncWatchdog:
+    """Cuts a connection still being checked when the client's deadline comes."""
+
+    def arm(self, conn: Any, timeout: float) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(max(0.0, timeout), cut_connection, conn)
+
+    def disarm(self, handle: asyncio.TimerHandle) -> None:
+        handle.cancel()
+
+
+class Watchdog:
+    """The same for threads: one daemon thread per process serves every pool."""
+
+    _lock = threading.Lock()
+    _cond = threading.Condition(_lock)
+    _heap: ClassVar[list[list[Any]]] = []
+    _seq = itertools.count()
+    _thread: ClassVar[threading.Thread | None] = None
+
+    def arm(self, conn: Any, timeout: float) -> list[Any]:
+        entry = [time.monotonic() + max(0.0, timeout), next(self._seq), conn]
+        cls = type(self)
+        with cls._cond:
+            heapq.heappush(cls._heap, entry)
+            if cls._thread is None or not cls._thread.is_alive():  # none yet, or forked
+                cls._thread = threading.Thread(
+                    target=cls._run, name="psycopg-pool-watchdog", daemon=True
+                )
+                cls._thread.start()
+            cls._cond.notify()
+        return entry
+
+    def disarm(self, entry: list[Any]) -> None:
+        entry[2] = None  # dropped from the heap when its time comes
+
+    @classmethod
+    def _run(cls) -> None:
+        while True:
+            with cls._cond:
+                heap = cls._heap
+                while heap and heap[0][2] is None:
+                    heapq.heappop(heap)
+                if not heap:
+                    cls._cond.wait()
+                    continue
+                delay = heap[0][0] - time.monotonic()
+                if delay > 0:
+                    cls._cond.wait(delay)
+                    continue
+                conn = heapq.heappop(heap)[2]
+            if conn is not None:
+                cut_connection(conn)
+            del conn
 
 
 # ----------------------------------------------------------------------

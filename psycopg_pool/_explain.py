@@ -48,6 +48,14 @@ def timeout_message(
     return mask(f"{head}: {reason(core, now, check_error)} {state_line(name, core)}")
 
 
+def wait_timeout_message(name: str, timeout: float, core: PoolCore, now: float) -> str:
+    """The message of `wait()` timing out: upstream's text, then why if we know."""
+    head = f"pool initialization incomplete after {timeout} sec"
+    if core.backoff.failing or core.fatal:
+        return mask(f"{head}: {reason(core, now, None)} {state_line(name, core)}")
+    return mask(f"{head}: {state_line(name, core)}")
+
+
 def init_failure_message(name: str, core: PoolCore, now: float) -> str:
     """The message of `wait()` failing before its timeout: connecting fails for good."""
     return mask(f"pool initialization failed: {reason(core, now, None)} {state_line(name, core)}")

@@ -46,7 +46,7 @@ class NullConnectionPool(ConnectionPool[CT]):
         reconnect_failed: Callable[[Self], Any] | None = None,
         num_workers: int = 3,
         leak_timeout: float | None = None,
-        alive_check_after: float | None = 0.5,
+        alive_check_after: float | None = 0.05,
     ) -> None:
         super().__init__(
             conninfo,

@@ -44,7 +44,7 @@ class AsyncNullConnectionPool(AsyncConnectionPool[ACT]):
         reconnect_failed: Callable[[Self], Any] | None = None,
         num_workers: int = 3,
         leak_timeout: float | None = None,
-        alive_check_after: float | None = 0.5,
+        alive_check_after: float | None = 0.05,
     ) -> None:
         super().__init__(
             conninfo,

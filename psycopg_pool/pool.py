@@ -38,6 +38,7 @@ from ._acompat import (
     ReturningConnection,
     Waiter,
     Wakeup,
+    Watchdog,
     check_cancelled,
     resolve,
     sleep,
@@ -64,6 +65,7 @@ from ._explain import (
     init_failure_message,
     mask,
     timeout_message,
+    wait_timeout_message,
 )
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
 
@@ -104,7 +106,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         reconnect_failed: Callable[[Self], Any] | None = None,
         num_workers: int = 3,
         leak_timeout: float | None = None,
-        alive_check_after: float | None = 0.5,
+        alive_check_after: float | None = 0.05,
     ) -> None:
         _config.check_connection_class(connection_class, Connection)
         if close_returns and not self._null:
@@ -178,6 +180,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         self._bg: Background | None = None
         self._wakeup = Wakeup()
         self._deadlines = Deadlines()
+        self._watchdog = Watchdog()
         self._stopping = False
         self._open_implicit = False
 
@@ -331,11 +334,13 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             cmds = self._swap_out()
         self._execute(cmds)
         if not ready:
-            try:
-                woken = ticket.wait(timeout)
-            finally:
-                with self._lock:
-                    self._core.withdraw_ready(ticket)
+            woken = False
+            if ticket.tstate != core_state.T_FAILED:  # else it failed already: no waiting
+                try:
+                    woken = ticket.wait(timeout)
+                finally:
+                    with self._lock:
+                        self._core.withdraw_ready(ticket)
             if ticket.error is not None and ticket.error.kind == core_state.F_CONNECT:
                 with self._lock:
                     ex = PoolTimeout(init_failure_message(self.name, self._core, monotonic()))
@@ -346,8 +351,13 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             if ticket.error is not None:
                 raise PoolClosed(f"the pool {self.name!r} is closed")
             if not woken:
+                with self._lock:
+                    msg = wait_timeout_message(self.name, timeout, self._core, monotonic())
+                    cause = self._core.last_error if self._core.backoff.failing else None
                 self.close()
-                raise PoolTimeout(f"pool initialization incomplete after {timeout} sec")
+                if isinstance(cause, BaseException):
+                    raise PoolTimeout(msg) from cause
+                raise PoolTimeout(msg)
         logger.info("pool %r is ready to use", self.name)
 
     def _check_open(self) -> None:
@@ -407,6 +417,8 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         slot.conn = None
         if self._track:
             slot.trace = capture_stack()
+            if slot.taken_at + self._core.leak_timeout < self._core.sleep_until:
+                self._wakeup.set()  # the housekeeper must be awake to report it on time
         conn._pool = self
         return conn
 
@@ -421,18 +433,11 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             if slot is None:
                 slot = self._wait_slot(t0, deadline, timeout, check_error)
             conn = self._lend(slot)
-            check = self._check
-            if check is None:
-                if not (
-                    slot.taken_at - slot.idle_since > self._alive_after
-                    and connector.has_input(conn)
-                ):
-                    logger.info("connection given by %r", self.name)
-                    return conn
-                # The server wrote to an idle connection: most likely to say goodbye.
-                check = self.check_connection
+            # From here until it is returned, any exception gives the connection back.
             try:
-                check(conn)
+                self._check_before_lending(slot, conn, deadline)
+                logger.info("connection given by %r", self.name)
+                return conn
             except Exception as ex:
                 logger.info("connection failed check: %s", error_text(ex))
                 check_error = ex
@@ -441,9 +446,6 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             except BaseException:
                 self._give_back(slot, conn, "connections_lost")
                 raise
-            else:
-                logger.info("connection given by %r", self.name)
-                return conn
             slot = None
             failures += 1
             # A dead connection is replaced and the next one tried at once; only a check
@@ -455,6 +457,28 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 if delay >= remaining:
                     raise self._timeout_error(timeout, check_error)
                 sleep(delay)
+
+    def _check_before_lending(self, slot: Slot, conn: CT, deadline: float) -> None:
+        """Run the check the connection needs before it is lent; raise if it fails.
+
+        A connection idle for a while is first polled,
+        without a round trip: if the server wrote to it (most likely to say
+        goodbye), it gets a real check even when the pool has no `check` callback.
+        """
+        check = self._check
+        if check is None:
+            if not (
+                slot.taken_at - slot.idle_since > self._alive_after and connector.has_input(conn)
+            ):
+                return
+            check = self.check_connection
+        # Bounded by the client's deadline: past it the connection is cut and the check
+        # fails (a silent network would otherwise block it for minutes).
+        guard = self._watchdog.arm(conn, deadline - monotonic())
+        try:
+            check(conn)
+        finally:
+            self._watchdog.disarm(guard)
 
     def _timeout_error(self, timeout: float, check_error: Exception | None = None) -> PoolTimeout:
         with self._lock:

@@ -36,6 +36,7 @@ from ._acompat import (
     AsyncReturningConnection,
     AsyncWaiter,
     AsyncWakeup,
+    AsyncWatchdog,
     acheck_cancelled,
     aresolve,
     asleep,
@@ -62,6 +63,7 @@ from ._explain import (
     init_failure_message,
     mask,
     timeout_message,
+    wait_timeout_message,
 )
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
 
@@ -102,7 +104,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         reconnect_failed: Callable[[Self], Any] | None = None,
         num_workers: int = 3,
         leak_timeout: float | None = None,
-        alive_check_after: float | None = 0.5,
+        alive_check_after: float | None = 0.05,
     ) -> None:
         _config.check_connection_class(connection_class, AsyncConnection)
         if close_returns and not self._null:
@@ -176,6 +178,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         self._bg: AsyncBackground | None = None
         self._wakeup = AsyncWakeup()
         self._deadlines = AsyncDeadlines()
+        self._watchdog = AsyncWatchdog()
         self._stopping = False
         self._open_implicit = False
 
@@ -329,11 +332,13 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             cmds = self._swap_out()
         self._execute(cmds)
         if not ready:
-            try:
-                woken = await ticket.wait(timeout)
-            finally:
-                with self._lock:
-                    self._core.withdraw_ready(ticket)
+            woken = False
+            if ticket.tstate != core_state.T_FAILED:  # else it failed already: no waiting
+                try:
+                    woken = await ticket.wait(timeout)
+                finally:
+                    with self._lock:
+                        self._core.withdraw_ready(ticket)
             if ticket.error is not None and ticket.error.kind == core_state.F_CONNECT:
                 with self._lock:
                     ex = PoolTimeout(init_failure_message(self.name, self._core, monotonic()))
@@ -344,8 +349,13 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             if ticket.error is not None:
                 raise PoolClosed(f"the pool {self.name!r} is closed")
             if not woken:
+                with self._lock:
+                    msg = wait_timeout_message(self.name, timeout, self._core, monotonic())
+                    cause = self._core.last_error if self._core.backoff.failing else None
                 await self.close()
-                raise PoolTimeout(f"pool initialization incomplete after {timeout} sec")
+                if isinstance(cause, BaseException):
+                    raise PoolTimeout(msg) from cause
+                raise PoolTimeout(msg)
         logger.info("pool %r is ready to use", self.name)
 
     def _check_open(self) -> None:
@@ -405,6 +415,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         slot.conn = None
         if self._track:
             slot.trace = capture_stack()
+            if slot.taken_at + self._core.leak_timeout < self._core.sleep_until:
+                self._wakeup.set()  # the housekeeper must be awake to report it on time
         conn._pool = self
         return conn
 
@@ -419,18 +431,11 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             if slot is None:
                 slot = await self._wait_slot(t0, deadline, timeout, check_error)
             conn = self._lend(slot)
-            check = self._check
-            if check is None:
-                if not (
-                    slot.taken_at - slot.idle_since > self._alive_after
-                    and connector.has_input(conn)
-                ):
-                    logger.info("connection given by %r", self.name)
-                    return conn
-                # The server wrote to an idle connection: most likely to say goodbye.
-                check = self.check_connection
+            # From here until it is returned, any exception gives the connection back.
             try:
-                await check(conn)
+                await self._check_before_lending(slot, conn, deadline)
+                logger.info("connection given by %r", self.name)
+                return conn
             except Exception as ex:
                 logger.info("connection failed check: %s", error_text(ex))
                 check_error = ex
@@ -439,9 +444,6 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             except BaseException:
                 self._give_back(slot, conn, "connections_lost")
                 raise
-            else:
-                logger.info("connection given by %r", self.name)
-                return conn
             slot = None
             failures += 1
             # A dead connection is replaced and the next one tried at once; only a check
@@ -453,6 +455,28 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 if delay >= remaining:
                     raise self._timeout_error(timeout, check_error)
                 await asleep(delay)
+
+    async def _check_before_lending(self, slot: Slot, conn: ACT, deadline: float) -> None:
+        """Run the check the connection needs before it is lent; raise if it fails.
+
+        A connection idle for a while is first polled,
+        without a round trip: if the server wrote to it (most likely to say
+        goodbye), it gets a real check even when the pool has no `check` callback.
+        """
+        check = self._check
+        if check is None:
+            if not (
+                slot.taken_at - slot.idle_since > self._alive_after and connector.has_input(conn)
+            ):
+                return
+            check = self.check_connection
+        # Bounded by the client's deadline: past it the connection is cut and the check
+        # fails (a silent network would otherwise block it for minutes).
+        guard = self._watchdog.arm(conn, deadline - monotonic())
+        try:
+            await check(conn)
+        finally:
+            self._watchdog.disarm(guard)
 
     def _timeout_error(self, timeout: float, check_error: Exception | None = None) -> PoolTimeout:
         with self._lock:

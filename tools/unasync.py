@@ -37,6 +37,7 @@ WORDS = {
     "AsyncWaiter": "Waiter",
     "AsyncWakeup": "Wakeup",
     "AsyncDeadlines": "Deadlines",
+    "AsyncWatchdog": "Watchdog",
     "AsyncBackground": "Background",
     "AsyncPoolMixin": "PoolMixin",
     "AsyncReturningConnection": "ReturningConnection",

@@ -520,7 +520,12 @@ class PoolCore:
         self.fail_count += 1
         if fatal and not (self.n_busy or self.n_checking or self.idle):
             self._fail_all(Failure(F_CONNECT, cause))
-        if self.backoff.failed(slot.started_at, now, self.reconnect_timeout):
+        gave_up = self.backoff.failed(slot.started_at, now, self.reconnect_timeout)
+        if self.waiting or self.ready_waiters:
+            # Clients still wait: keep probing often, not at the long backoff step.
+            b = self.backoff
+            b.retry_at = min(b.retry_at, now + DEMAND_PROBE_INTERVAL)
+        if gave_up:
             self.out.append(
                 Log(
                     30,

@@ -68,13 +68,6 @@ def auth_report(server: Any) -> dict[str, Any]:
         return faults.scenario_auth(server, timeout=AUTH_TIMEOUT)
 
 
-WAIT_LATER_BUG = bug(
-    "wait() called once the first attempt has already failed for good sleeps the whole"
-    " timeout: core.wait_ready() fails the ticket at once, but AsyncConnectionPool.wait()"
-    " still awaits ticket.wait(timeout), which nothing wakes"
-)
-
-
 @pytest.mark.parametrize("case", list(faults.AUTH_CASES))
 @pytest.mark.parametrize(
     "call",
@@ -82,7 +75,7 @@ WAIT_LATER_BUG = bug(
         "getconn",
         "getconn_later",
         "wait",
-        pytest.param("wait_later", marks=WAIT_LATER_BUG),
+        "wait_later",
         "open_wait",
     ],
 )
@@ -129,12 +122,6 @@ def test_refused_at_open_pool_refills_by_itself(refused_report: dict[str, Any]) 
     assert_nothing_lost(refused_report)
 
 
-@bug(
-    "the demand probe (DEMAND_PROBE_INTERVAL, 0.2 s) is scheduled only by request()"
-    " when a client queues while no attempt is in progress; after that probe fails,"
-    " connect_failed() reschedules at the full backoff step although clients still"
-    " wait, so they are served only at the next step (seconds after the server is up)"
-)
 def test_refused_at_open_waiting_clients_are_served_soon(
     refused_report: dict[str, Any],
 ) -> None:
@@ -149,9 +136,7 @@ restart_idle_check = once(faults.scenario_restart_idle, check=True)
 restart_idle_async = once(faults.scenario_restart_idle, use_async=True)
 
 
-@pytest.mark.parametrize(
-    "variant", ["restart_idle", "restart_idle_check", "restart_idle_async"]
-)
+@pytest.mark.parametrize("variant", ["restart_idle", "restart_idle_check", "restart_idle_async"])
 def test_restart_idle_pool_hands_out_no_dead_connection(
     request: pytest.FixtureRequest, variant: str
 ) -> None:
@@ -178,9 +163,7 @@ def test_restart_busy_errors_only_on_connections_in_use(
 
 
 @pytest.mark.parametrize("variant", ["restart_busy", "restart_busy_async"])
-def test_restart_busy_full_service_afterwards(
-    request: pytest.FixtureRequest, variant: str
-) -> None:
+def test_restart_busy_full_service_afterwards(request: pytest.FixtureRequest, variant: str) -> None:
     report = request.getfixturevalue(variant)
     assert report["clients_never_served_again"] == 0, report
     assert report["hangs"] == 0
@@ -200,12 +183,6 @@ def test_terminate_storm_nothing_lost(terminate_report: dict[str, Any]) -> None:
     assert_nothing_lost(terminate_report)
 
 
-@bug(
-    "one user error per kill: idle connections are lent FIFO (core.take() pops the"
-    " oldest idle slot), so with 2 clients on 8 connections every connection is reused"
-    " about every 80 ms, always within alive_check_after (0.5 s): the socket poll is"
-    " skipped and each killed connection is handed to the next client"
-)
 def test_terminate_storm_few_user_errors(terminate_report: dict[str, Any]) -> None:
     assert terminate_report["errors_per_kill"] <= 0.5, terminate_report
 
@@ -216,16 +193,8 @@ def test_terminate_storm_few_user_errors(terminate_report: dict[str, Any]) -> No
 blackhole = once(faults.scenario_blackhole)
 blackhole_check = once(faults.scenario_blackhole, check=True)
 
-CHECK_UNBOUNDED_BUG = bug(
-    "a check callback on a black-holed connection blocks getconn() past its timeout:"
-    " _getconn_slow() awaits check(conn) with no bound (nor does check_connection bound"
-    " its query by the remaining time), so the client hangs until the network returns"
-)
 
-
-@pytest.mark.parametrize(
-    "variant", ["blackhole", pytest.param("blackhole_check", marks=CHECK_UNBOUNDED_BUG)]
-)
+@pytest.mark.parametrize("variant", ["blackhole", "blackhole_check"])
 def test_blackhole_getconn_never_exceeds_its_timeout(
     request: pytest.FixtureRequest, variant: str
 ) -> None:
@@ -262,12 +231,6 @@ def test_max_connections_below_max_size_no_user_error(
     assert_nothing_lost(report)
 
 
-@bug(
-    "wait() that times out while connecting fails for a transient reason raises the"
-    " bare 'pool initialization incomplete after N sec': AsyncConnectionPool.wait()"
-    " uses init_failure_message() (the reason and last error) only for fatal failures,"
-    " and chains no __cause__"
-)
 def test_max_connections_wait_names_too_many_clients(
     max_connections_report: dict[str, Any],
 ) -> None:
@@ -293,19 +256,11 @@ def test_leak_timeout_names_the_pool_and_the_count(
 
 
 @pytest.mark.parametrize("variant", LEAKS)
-def test_leak_timeout_names_the_oldest_holder(
-    request: pytest.FixtureRequest, variant: str
-) -> None:
+def test_leak_timeout_names_the_oldest_holder(request: pytest.FixtureRequest, variant: str) -> None:
     report = request.getfixturevalue(variant)
     assert report["names_holder"], report["message"]
 
 
-@bug(
-    "the 'has been out for more than leak_timeout' WARNING comes late: PoolCore.take()"
-    " (and the grant paths) emit no Rearm when leak tracking adds a deadline earlier than"
-    " sleep_until, so the housekeeper sleeps on until something else wakes it (here the"
-    " next client queueing; in a quiet application, max_idle)"
-)
 def test_leak_held_too_long_warning_on_time(leak_tracked: dict[str, Any]) -> None:
     # Within the leak_timeout plus 2 s of slack, saying where the connection was taken.
     assert leak_tracked["held_warning_after"] is not None, leak_tracked
@@ -317,9 +272,7 @@ def test_leak_timeout_says_where_it_was_taken(leak_tracked: dict[str, Any]) -> N
 
 
 @pytest.mark.parametrize("variant", LEAKS)
-def test_leak_slots_come_back_when_collected(
-    request: pytest.FixtureRequest, variant: str
-) -> None:
+def test_leak_slots_come_back_when_collected(request: pytest.FixtureRequest, variant: str) -> None:
     report = request.getfixturevalue(variant)
     assert report["served_after_drop"]["ok"], report["served_after_drop"]
     assert report["collected_warnings"] == 4, report["warning_sample"]

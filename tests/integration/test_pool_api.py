@@ -93,7 +93,7 @@ def test_signature_is_keyword_only_after_conninfo() -> None:
         "num_workers": 3,
         # Ours only, off by default (see README, issue 4: leak detection).
         "leak_timeout": None,
-        "alive_check_after": 0.5,
+        "alive_check_after": 0.05,
     }
 
 

@@ -493,7 +493,7 @@ async def test_wait_timeout_closes_the_pool(caplog: pytest.LogCaptureFixture) ->
     pool = AsyncConnectionPool(refused_conninfo(), min_size=1, open=False)
     await pool.open()
     try:
-        with pytest.raises(PoolTimeout, match=r"^pool initialization incomplete after 0\.2 sec$"):
+        with pytest.raises(PoolTimeout, match=r"^pool initialization incomplete after 0\.2 sec: "):
             await pool.wait(0.2)
         assert pool.closed
     finally:

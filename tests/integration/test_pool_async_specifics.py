@@ -216,7 +216,7 @@ async def test_plain_function_as_configure_fails_connections(
         calls += 1
 
     pool = AsyncConnectionPool(dsn, min_size=1, open=False, configure=configure)
-    with pytest.raises(PoolTimeout, match=r"^pool initialization incomplete after 0\.3 sec$"):
+    with pytest.raises(PoolTimeout, match=r"^pool initialization incomplete after 0\.3 sec: "):
         await pool.open(wait=True, timeout=0.3)
     assert pool.closed
     assert calls >= 1
