@@ -458,6 +458,9 @@ class Running:
         call.elapsed = time.monotonic() - t0
         self._done[i].set()
 
+    def finished(self) -> bool:
+        return all(done.is_set() for done in self._done)
+
     def join(self, limit: float) -> list[Call]:
         """The calls; those still running after `limit` s are marked hung."""
         deadline = time.monotonic() + limit
@@ -1054,6 +1057,7 @@ def scenario_blackhole(
     clients: int = 4,
     timeout: float = 1.0,
     after: int = 3,
+    after_timeout: float = 5.0,
 ) -> dict[str, Any]:
     """The pool (2 to 4 connections) talks to the server through a `FaultProxy`.
 
@@ -1062,7 +1066,7 @@ def scenario_blackhole(
     cannot be opened; none may take longer than `timeout`. The network then
     heals: `heal="resume"` (the same connections work again) or `"strand"` (only new
     connections get through, the old ones stay silent for good). Then `after`
-    requests, one by one, each with a 5 s timeout, should all succeed.
+    requests, one by one, each with an `after_timeout` timeout, should all succeed.
     """
     app = f"faults-blackhole{'-check' if check else ''}-{heal}"
     res: dict[str, Any] = {"scenario": "blackhole", "check": check, "heal": heal}
@@ -1090,7 +1094,7 @@ def scenario_blackhole(
         recovered_at = None
         later = []
         for _ in range(after):
-            call = bounded(functools.partial(request, pool, 5.0), 5.0 + GRACE)
+            call = bounded(functools.partial(request, pool, after_timeout), after_timeout + GRACE)
             if call.ok and recovered_at is None:
                 recovered_at = time.monotonic() - t_heal
             later.append(call)
@@ -1161,7 +1165,7 @@ def scenario_max_connections(
             pool.open(wait=True, timeout=10.0)
             running = Running([client] * clients)
             samples = []
-            while not all(d.is_set() for d in running._done):
+            while not running.finished():
                 samples.append((pool.get_stats()["pool_size"], admin.live(app)))
                 time.sleep(0.02)  # pacing the samples
             calls = running.join(REQUEST_TIMEOUT + GRACE)
