@@ -138,7 +138,12 @@ class Client(ClientBase, Actor):
             try:
                 await self._hold(conn)
             finally:
-                await pool.putconn(conn)
+                try:
+                    if self.close_instead:  # close_returns gives it back, else it is closed
+                        await conn.close()
+                finally:
+                    if not (self.close_instead and pool.close_returns):
+                        await pool.putconn(conn)
 
     async def _hold(self, conn: Any) -> None:
         self._got(conn)

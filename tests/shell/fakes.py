@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import socket
 import threading
 import time
 from collections import deque
@@ -61,6 +62,7 @@ POINTS = frozenset(
         "reconnect_failed",  # the pool's reconnect_failed callback
         "sleep",  # the pool's retry sleep after failed checks (monkeypatched)
         "wait",  # a waiting ticket (monkeypatched Waiter.wait, sync only)
+        "socket",  # pgconn.socket, read to poll an idle connection (sync only)
     }
 )
 
@@ -70,17 +72,47 @@ class Interrupt(BaseException):
 
 
 class FakePGconn:
-    """The part of `psycopg.pq.PGconn` that psycopg's connection and the pool read."""
+    """The part of `psycopg.pq.PGconn` that psycopg's connection and the pool read.
+
+    `socket` is a real file descriptor (one end of a socket pair, made when first
+    asked for) on which nothing arrives unless the test calls `server_says()`.
+    """
 
     def __init__(self) -> None:
         self.status = ConnStatus.OK
         self.transaction_status = IDLE
         self.notice_handler: Any = None
         self.notify_handler: Any = None
+        self.owner: Any = None  # the fake connection
+        self._lock = threading.Lock()
+        self._pair: tuple[socket.socket, socket.socket] | None = None
+
+    @property
+    def socket(self) -> int:
+        owner = self.owner
+        if owner is not None and not owner.fakes.asynchronous:
+            owner.fakes.hit("socket", owner)
+        with self._lock:
+            if self.status == ConnStatus.BAD:
+                raise OperationalError("the connection is lost")
+            if self._pair is None:
+                self._pair = socket.socketpair()
+            return self._pair[0].fileno()
+
+    def server_says(self, data: bytes = b"E") -> None:
+        """Something arrives on the idle connection (the server saying goodbye)."""
+        self.socket  # noqa: B018 (makes the pair)
+        assert self._pair is not None
+        self._pair[1].send(data)
 
     def finish(self) -> None:
-        self.status = ConnStatus.BAD
-        self.transaction_status = UNKNOWN
+        with self._lock:
+            self.status = ConnStatus.BAD
+            self.transaction_status = UNKNOWN
+            if self._pair is not None:
+                for s in self._pair:
+                    s.close()
+                self._pair = None
 
 
 class Gate:
@@ -317,6 +349,7 @@ class _FakeMixin:
 
 def _make(cls: type[Any], fakes: Fakes, kwargs: dict[str, Any]) -> Any:
     conn = cls(FakePGconn())
+    conn.pgconn.owner = conn
     conn._autocommit = bool(kwargs.get("autocommit", False))
     fakes._connected(conn)
     return conn

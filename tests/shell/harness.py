@@ -11,6 +11,7 @@ some work (closing, refilling) in the background.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -185,6 +186,16 @@ RETURN = {
 }
 # A client waiting while the pool cleans a returned connection in the background.
 BG_RETURN = {**BG_CONNECT}
+# getconn() blocked in the check before lending (a check callback, or a liveness
+# check): a failed check gives the connection back and tries again.
+LEND_CHECK = {
+    "cancel": (CANCELLED,),
+    "timeout": (TIMEOUT,),
+    "error": ("conn",),  # given back, the next check passes
+    "broken": ("conn",),  # thrown away, a new connection is made
+    "interrupt": ("Interrupt",),
+    "close": ("conn", CLOSED),
+}
 # pool.check() blocked checking a connection.
 CHECK = {
     "cancel": (CANCELLED,),
@@ -279,9 +290,11 @@ class ClientBase(ActorBase):
         context: bool = False,
         tx: Any = None,
         raise_in_block: BaseException | None = None,
+        close_instead: bool = False,
     ) -> None:
         super().__init__(ctx, name)
         self.timeout = timeout
+        self.close_instead = close_instead  # conn.close() instead of putconn()
         self.context = context
         self.tx = tx  # a transaction status to leave the connection in
         self.raise_in_block = raise_in_block
@@ -358,9 +371,14 @@ class CtxBase:
 
     def queued_count(self) -> int | None:
         """Requests queued so far; None if the next one may have to queue anyway
-        (no idle connection: a null pool, or a pool with min_size 0)."""
-        stats = self.pool.get_stats()
-        return int(stats.get("requests_queued", 0)) if stats["pool_available"] else None
+        (no idle connection: a null pool, a pool with min_size 0, or one whose idle
+        connections are about to expire)."""
+        core = self.pool._core
+        with self.pool._lock:
+            soon = time.monotonic() + 1.0
+            if not any(s.expire_at > soon for s in core.idle):
+                return None
+        return int(self.pool.get_stats().get("requests_queued", 0))
 
     def served_at_once(self, queued: int | None, conn: Any) -> None:
         if queued is not None:

@@ -82,7 +82,12 @@ class Client(ClientBase, Actor):
             try:
                 self._hold(conn)
             finally:
-                pool.putconn(conn)
+                try:
+                    if self.close_instead:  # close_returns gives it back, else it is closed
+                        conn.close()
+                finally:
+                    if not (self.close_instead and pool.close_returns):
+                        pool.putconn(conn)
 
     def _hold(self, conn: Any) -> None:
         self._got(conn)

@@ -3,9 +3,11 @@
 Each seed builds a different pool (plain or null, with or without check, reset
 and configure callbacks) and runs a few dozen clients whose calls to the fakes
 fail at random, some raising a KeyboardInterrupt-like exception; clients leave
-their connection in every transaction status, raise in their block, time out,
-are cancelled or see their `asyncio.timeout` expire, while `check()`, `drain()`
-and sometimes `close()` run. The table-driven tests put one interruption at one
+their connection in every transaction status, raise in their block, close it
+instead of returning it, time out, are cancelled or see their `asyncio.timeout`
+expire, while `check()`, `drain()`, `resize()` and sometimes `close()` run, and
+connections expire, idle out, are checked for liveness or tracked for leaks. The
+table-driven tests put one interruption at one
 point; this puts many anywhere. Afterwards the books must balance as there.
 
 These runs found a pool left below min_size after a discard during the
@@ -30,25 +32,67 @@ from . import aharness, sharness
 from .fakes import ACTIVE, INERROR, INTRANS, Fakes
 from .harness import TALLY
 
+# What a client may see: an error of the fakes (or of psycopg about a closed
+# connection), the pool's, its own, a cancellation or a deadline.
+ALLOWED = {
+    "ok",
+    "conn",
+    "OperationalError",
+    "PoolTimeout",
+    "PoolClosed",
+    "Interrupt",
+    "ValueError",
+    "CancelledError",
+    "TimeoutError",
+}
+
+
+# KNOWN BUG, rare here (about one sync run in 2,000): putconn() of a broken connection
+# raises AttributeError when another thread takes an idle connection meanwhile; see
+# test_broken_return_while_others_take_idle_connections. Remove once fixed.
+KNOWN_BUGS = frozenset({"AttributeError"})
+
+
+def outcomes_allowed(actors: list[Any], known: frozenset[str] = frozenset()) -> None:
+    wrong = [(a.name, a.error) for a in actors if a.result not in ALLOWED | known]
+    assert not wrong, f"unexpected outcomes: {wrong}"
+
+
 SEEDS = range(int(os.environ.get("CHAOS_SEEDS", "25")))
 N_CLIENTS = 40
 
 
 def pool_args(rng: random.Random) -> dict[str, Any]:
-    callbacks = tuple(c for c in ("check", "reset", "configure") if rng.random() < 0.4)
+    args: dict[str, Any] = {
+        "callbacks": tuple(c for c in ("check", "reset", "configure") if rng.random() < 0.4),
+        "max_lifetime": rng.choice([3600.0, 0.2]),
+        "max_idle": rng.choice([600.0, 0.2]),
+        "leak_timeout": rng.choice([None, None, 0.05]),
+        "alive_check_after": rng.choice([0.5, 0.0, None]),
+    }
     if rng.random() < 0.25:
-        return {"null": True, "max_size": rng.randint(1, 3), "callbacks": callbacks}
+        return {**args, "null": True, "max_size": rng.randint(1, 3)}
     min_size = rng.randint(0, 2)
-    return {"min_size": min_size, "max_size": min_size + rng.randint(1, 2), "callbacks": callbacks}
+    max_size = min_size + rng.randint(1, 2)
+    return {**args, "min_size": min_size, "max_size": max_size, "close_returns": rng.random() < 0.3}
 
 
 def client_args(rng: random.Random) -> dict[str, Any]:
+    context = rng.random() < 0.5
     return {
         "timeout": rng.choice([None, None, 0.02, 0.2]),
-        "context": rng.random() < 0.5,
+        "context": context,
         "tx": rng.choice([None, None, INTRANS, INERROR, ACTIVE]),
         "raise_in_block": rng.choice([None, None, None, ValueError("in the block")]),
+        "close_instead": not context and rng.random() < 0.1,
     }
+
+
+def resized(rng: random.Random, pool: Any) -> tuple[int, int]:
+    if pool._null:
+        return 0, rng.randint(1, 3)
+    min_size = rng.randint(0, 2)
+    return min_size, min_size + rng.randint(1, 2)
 
 
 def blocking_points(monkeypatch: pytest.MonkeyPatch, fakes: Fakes) -> None:
@@ -56,18 +100,18 @@ def blocking_points(monkeypatch: pytest.MonkeyPatch, fakes: Fakes) -> None:
     if fakes.asynchronous:
         real_await = AsyncWaiter.wait
 
-        async def awaiting(self: AsyncWaiter, timeout: float) -> bool:
+        async def awaiting(self: AsyncWaiter, *args: Any) -> bool:
             await fakes.ahit("wait", self)
-            return await real_await(self, timeout)
+            return await real_await(self, *args)
 
         monkeypatch.setattr(AsyncWaiter, "wait", awaiting)
         monkeypatch.setattr(psycopg_pool.pool_async, "asleep", lambda d: fakes.ahit("sleep"))
     else:
         real_wait = Waiter.wait
 
-        def waiting(self: Waiter, timeout: float) -> bool:
+        def waiting(self: Waiter, *args: Any) -> bool:
             fakes.hit("wait", self)
-            return real_wait(self, timeout)
+            return real_wait(self, *args)
 
         monkeypatch.setattr(Waiter, "wait", waiting)
         monkeypatch.setattr(psycopg_pool.pool, "sleep", lambda d: fakes.hit("sleep"))
@@ -97,10 +141,13 @@ async def test_chaos_async(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
                 ctx.op("checker", ctx.pool.check)
             elif r < 0.3:
                 await ctx.pool.drain()
+            elif r < 0.32:
+                await ctx.pool.resize(*resized(rng, ctx.pool))
         if rng.random() < 0.2:
             ctx.closer(rng.choice([0.01, 5.0]))
             hits += 1
         await ctx.finish()
+        outcomes_allowed(ctx.actors)
         TALLY["interruptions"] += hits + ctx.fakes.injected
 
 
@@ -122,7 +169,10 @@ def test_chaos_sync(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
                 ctx.op("checker", ctx.pool.check)
             elif r < 0.08:
                 ctx.pool.drain()
+            elif r < 0.1:
+                ctx.pool.resize(*resized(rng, ctx.pool))
         if rng.random() < 0.2:
             ctx.closer(rng.choice([0.01, 5.0]))
         ctx.finish()
+        outcomes_allowed(ctx.actors, KNOWN_BUGS)
         TALLY["interruptions"] += ctx.fakes.injected + (1 if ctx.shut() else 0)

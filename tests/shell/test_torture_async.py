@@ -47,6 +47,7 @@ from .harness import (
     CLOSED,
     CONNECT_CALLBACKS,
     CONNECT_STEPS,
+    LEND_CHECK,
     POOL_TIMEOUT,
     QUEUE,
     RETURN,
@@ -117,14 +118,7 @@ async def reach_null_queue(ctx: ACtx, how: str) -> tuple[Actor, Gate | None]:
 
 @spot(
     "check",
-    {
-        "cancel": (CANCELLED,),
-        "timeout": (TIMEOUT,),
-        "error": ("conn",),  # given back, the next check passes
-        "broken": ("conn",),  # thrown away, a new connection is made
-        "interrupt": ("Interrupt",),
-        "close": ("conn", CLOSED),
-    },
+    LEND_CHECK,
     max_size=1,
     callbacks=("check",),
 )
@@ -132,6 +126,19 @@ async def reach_check(ctx: ACtx, how: str) -> tuple[Actor, Gate]:
     gate = ctx.fakes.block("check")
     victim = ctx.client("victim")
     return victim, gate
+
+
+@spot(
+    "alive-check",
+    LEND_CHECK,
+    max_size=1,
+    alive_check_after=0.0,
+)
+async def reach_alive_check(ctx: ACtx, how: str) -> tuple[Actor, Gate]:
+    """No check callback, but the idle connection received something: checked."""
+    ctx.pool._core.idle[0].conn.pgconn.server_says()
+    gate = ctx.fakes.block("execute")
+    return ctx.client("victim"), gate
 
 
 @spot(
@@ -429,9 +436,9 @@ async def test_interrupted(spot: Spot, how: str, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(psycopg_pool.pool_async, "asleep", lambda d: fakes.ahit("sleep"))
         real_wait = AsyncWaiter.wait
 
-        async def waiting(self: AsyncWaiter, timeout: float) -> bool:
+        async def waiting(self: AsyncWaiter, *args: Any) -> bool:
             await fakes.ahit("wait", self)
-            return await real_wait(self, timeout)
+            return await real_wait(self, *args)
 
         monkeypatch.setattr(AsyncWaiter, "wait", waiting)
         victim, gate = await spot.reach(ctx, how)
@@ -580,8 +587,10 @@ COVERED: dict[str, list[str]] = {
     "AsyncConnectionPool.wait: self.close#2": ["wait", "open-wait"],
     "AsyncConnectionPool.getconn: self._getconn_slow": ["queue", "check"],
     "AsyncConnectionPool._getconn_slow: self._wait_slot": ["queue", "queue-check"],
-    "AsyncConnectionPool._getconn_slow: check": [
+    "AsyncConnectionPool._getconn_slow: self._check_before_lending": ["check", "alive-check"],
+    "AsyncConnectionPool._check_before_lending: check": [
         "check",
+        "alive-check",
         "test_check_turning_cancellation_into_an_error",
     ],
     "AsyncConnectionPool._getconn_slow: asleep": ["check-sleep"],

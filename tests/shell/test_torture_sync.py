@@ -38,6 +38,7 @@ from .harness import (
     CLOSED,
     CONNECT_CALLBACKS,
     CONNECT_STEPS,
+    LEND_CHECK,
     POOL_TIMEOUT,
     QUEUE,
     RETURN,
@@ -78,10 +79,10 @@ def blocking_points(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     fakes_of: dict[str, Any] = {}
     real_wait = Waiter.wait
 
-    def waiting(self: Waiter, timeout: float) -> bool:
+    def waiting(self: Waiter, *args: Any) -> bool:
         if "fakes" in fakes_of:
             fakes_of["fakes"].hit("wait", self)
-        return real_wait(self, timeout)
+        return real_wait(self, *args)
 
     def sleeping(delay: float) -> None:
         fakes_of["fakes"].hit("sleep")
@@ -134,17 +135,24 @@ def reach_null_queue(ctx: TCtx, how: str) -> Reached:
 
 @spot(
     "check",
-    {
-        "error": ("conn",),
-        "broken": ("conn",),
-        "interrupt": ("Interrupt",),
-        "close": ("conn", CLOSED),
-    },
+    LEND_CHECK,
     max_size=1,
     callbacks=("check",),
 )
 def reach_check(ctx: TCtx, how: str) -> Reached:
     gate = ctx.fakes.block("check")
+    return ctx.client("victim"), gate
+
+
+@spot(
+    "alive-check",
+    LEND_CHECK,
+    max_size=1,
+    alive_check_after=0.0,
+)
+def reach_alive_check(ctx: TCtx, how: str) -> Reached:
+    ctx.pool._core.idle[0].conn.pgconn.server_says()
+    gate = ctx.fakes.block("execute")
     return ctx.client("victim"), gate
 
 
@@ -415,7 +423,7 @@ def test_timed_out_as_the_grant_arrives(monkeypatch: pytest.MonkeyPatch) -> None
     with scenario(max_size=1) as ctx:
         fakes = BLOCKING[-1]["fakes"] = ctx.fakes
 
-        def timing_out(self: Waiter, timeout: float) -> bool:
+        def timing_out(self: Waiter, *args: Any) -> bool:
             fakes.hit("wait", self)
             return False
 
@@ -533,3 +541,29 @@ def test_refill_after_a_discard_while_waiting_to_retry() -> None:
         TALLY["interruptions"] += 2
         until(lambda: len(core.live) >= 2, "the pool to refill", 2.0, hang=False)
         ctx.give_back(second)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: _sweep_idle() snapshots the idle slots under the lock but reads slot.conn"
+    " outside it; a slot lent meanwhile has conn None: has_input(None) raises AttributeError"
+    " out of putconn()",
+)
+def test_broken_return_while_others_take_idle_connections() -> None:
+    """A broken connection comes back; the pool polls the idle ones (are they dead
+    too?) while other clients take them: those must be left alone, and putconn()
+    must not fail."""
+    with scenario(min_size=3) as ctx:
+        BLOCKING[-1]["fakes"] = ctx.fakes
+        returner = ctx.holder("returner")
+        polling = ctx.fakes.block("socket")  # the poll of the first idle connection
+        broken = returner.conn
+        break_conn(broken)
+        returner.go.set()
+        reached(polling.reached, "the poll of the idle connections")
+        taken = [ctx.holder(f"taker-{i}") for i in range(2)]  # both idle ones
+        polling.open()
+        assert returner.finished() == "conn", repr(returner.error)
+        for t in taken:
+            t.go.set()
+        TALLY["interruptions"] += 1
