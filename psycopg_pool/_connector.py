@@ -10,6 +10,7 @@ which turns the outcome into a fact for the core.
 from __future__ import annotations
 
 import logging
+import os
 import select
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -163,9 +164,13 @@ def clean(pool: ConnectionPool[Any], conn: Any, status: int) -> bool:
 
 # Pooled connections live long and sit idle: without TCP keepalives a connection
 # whose peer vanished (failover, a NAT or firewall dropping state) looks alive for
-# hours. Applied unless the conninfo or kwargs say otherwise; libpq ignores them on
-# Unix sockets.
+# hours. Applied unless the conninfo, the kwargs or the environment say otherwise;
+# libpq ignores the TCP ones on Unix sockets.
 NETWORK_DEFAULTS = {
+    # psycopg waits over two minutes by default: an attempt stuck on a silent network
+    # would hold one of the num_workers attempt slots all that time, and the pool
+    # could not reconnect when the network comes back.
+    "connect_timeout": "5",
     "keepalives": "1",
     "keepalives_idle": "60",
     "keepalives_interval": "10",
@@ -176,6 +181,8 @@ NETWORK_DEFAULTS = {
 
 def add_network_defaults(conninfo: Any, kwargs: dict[str, Any]) -> None:
     missing = [k for k in NETWORK_DEFAULTS if k not in kwargs]
+    if os.environ.get("PGCONNECT_TIMEOUT") and "connect_timeout" in missing:
+        missing.remove("connect_timeout")
     if not missing:
         return
     if isinstance(conninfo, str) and conninfo:

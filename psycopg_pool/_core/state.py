@@ -101,6 +101,10 @@ F_CONNECT = "connect"  # connecting fails for a reason retrying cannot fix
 # be served soon after the server is back rather than after a long backoff step.
 DEMAND_PROBE_INTERVAL = 0.2
 
+# With clients waiting and every attempt slot taken for this long, one more attempt
+# may start: the others may hang on a network that went silent (see _stuck_until).
+STUCK_AFTER = 2.0
+
 # A metrics exporter that stops scraping must not make the pool grow without bound.
 MAX_SAMPLES = 100_000
 
@@ -710,6 +714,8 @@ class PoolCore:
             for s in self.live:
                 if s.state == IN_USE and s.leak_reported != s.taken_at:
                     d = min(d, s.taken_at + self.leak_timeout)
+        if self.waiting and self._need() > 0:
+            d = min(d, self._stuck_until())
         self.sleep_until = d
         return d
 
@@ -791,6 +797,22 @@ class PoolCore:
             self.out.append(Wake(t))
         self.ready_waiters.clear()
 
+    def _stuck_until(self) -> float:
+        """When, with clients waiting and every attempt slot taken, to start another.
+
+        An attempt on a network that went silent hangs until its connect timeout;
+        with all `num_workers` of them hanging, a network that heals would not be
+        tried until they give up. So once the newest attempt is STUCK_AFTER old
+        while clients wait, one more may start (within max_size, as always).
+        """
+        if not self.waiting or self.n_connecting < self.num_workers or self.backoff.failing:
+            return INF
+        newest = max(
+            (s.started_at for s in self.live if s.state == CONNECTING and not s.inline),
+            default=INF,
+        )
+        return newest + STUCK_AFTER
+
     def _need(self) -> int:
         """How many more connection attempts the current demand calls for."""
         n_live = len(self.live) - self.n_old_epoch
@@ -813,6 +835,8 @@ class PoolCore:
         if need <= 0:
             return
         par = self.num_workers - self.n_connecting
+        if par <= 0 and self._stuck_until() <= now:
+            par = 1  # every attempt hangs on a silent network: try one more
         b = self.backoff
         if b.started_at is not None:
             # While failing, one attempt at a time, and only when the schedule says.

@@ -675,3 +675,21 @@ def test_renewed_core_keeps_settings_not_state() -> None:
     assert fresh.live == set() and fresh.status == st.NEW and fresh.samples == []
     h.core.samples = None
     assert h.core.renewed().samples is None
+
+
+def test_attempts_hanging_on_a_silent_network_do_not_block_new_ones() -> None:
+    h = Harness.make(min_size=0, max_size=4, num_workers=2)
+    h.open()
+    h.getconn()
+    h.getconn()
+    assert len(h.connecting) == 2
+    h.getconn()  # a third waiter: no attempt slot free
+    assert len(h.connecting) == 2
+    assert h.core.next_deadline() == st.STUCK_AFTER
+    h.tick(st.STUCK_AFTER)  # both attempts hang: one more starts
+    assert len(h.connecting) == 3
+    h.tick(0.5)
+    assert len(h.connecting) == 3  # not before the newest has hung as long
+    h.connect_ok(h.connecting[-1])
+    assert len(h.granted) == 1
+    h.check()

@@ -219,11 +219,11 @@ def test_blackhole_requests_succeed_once_the_network_is_back(
 
 
 @bug(
-    "after a black hole that strands the old sockets, no request succeeds: the"
-    " connection attempts started during the black hole hang on their silent sockets"
-    " (no bound of the pool's own: psycopg's default connect_timeout is 130 s) and hold"
-    " every attempt slot (num_workers), so no attempt reaches the healed network;"
-    " clients get 'waiting for 3 connection attempts still in progress'"
+    "after a black hole that strands the old sockets, the first request can still time"
+    " out: attempts started during the black hole hang until connect_timeout (5 s by"
+    " default now) and, with the pool at max_size, no extra attempt may start"
+    " (PoolCore._stuck_until() only helps below max_size); a hanging attempt cannot be"
+    " abandoned because psycopg's connect() gives no handle to cut it"
 )
 def test_blackhole_stranded_requests_succeed_once_the_network_is_back(
     blackhole_check_stranded: dict[str, Any],
