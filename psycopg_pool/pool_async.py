@@ -706,8 +706,9 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             self._execute(cmds)
             return
         with self._lock:
-            idle = list(self._core.idle)
-        gone = [slot for slot in idle if connector.has_input(slot.conn)]
+            # The connections too: a slot may be lent (its `conn` cleared) meanwhile.
+            idle = [(slot, slot.conn) for slot in self._core.idle]
+        gone = [slot for slot, conn in idle if connector.has_input(conn)]
         if not gone:
             return
         logger.info("pool %r: %d idle connections closed by the server", self.name, len(gone))

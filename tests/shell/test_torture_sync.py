@@ -141,7 +141,7 @@ def reach_null_queue(ctx: TCtx, how: str) -> Reached:
 )
 def reach_check(ctx: TCtx, how: str) -> Reached:
     gate = ctx.fakes.block("check")
-    return ctx.client("victim"), gate
+    return ctx.client("victim", timeout=victim_timeout(how)), gate
 
 
 @spot(
@@ -153,7 +153,7 @@ def reach_check(ctx: TCtx, how: str) -> Reached:
 def reach_alive_check(ctx: TCtx, how: str) -> Reached:
     ctx.pool._core.idle[0].conn.pgconn.server_says()
     gate = ctx.fakes.block("execute")
-    return ctx.client("victim"), gate
+    return ctx.client("victim", timeout=victim_timeout(how)), gate
 
 
 @spot(
@@ -543,12 +543,6 @@ def test_refill_after_a_discard_while_waiting_to_retry() -> None:
         ctx.give_back(second)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _sweep_idle() snapshots the idle slots under the lock but reads slot.conn"
-    " outside it; a slot lent meanwhile has conn None: has_input(None) raises AttributeError"
-    " out of putconn()",
-)
 def test_broken_return_while_others_take_idle_connections() -> None:
     """A broken connection comes back; the pool polls the idle ones (are they dead
     too?) while other clients take them: those must be left alone, and putconn()
