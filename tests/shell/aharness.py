@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -107,11 +106,20 @@ class Actor(ActorBase):
             await asyncio.wait_for(self.done.wait(), PATIENCE)
         except asyncio.TimeoutError:
             TALLY["hangs"] += 1
-            stack = io.StringIO()
-            if self.task is not None:
-                self.task.print_stack(file=stack)
-            pytest.fail(f"HANG: {self.name} never ended:\n{stack.getvalue()}")
+            pytest.fail(f"HANG: {self.name} never ended, awaiting:\n{self.awaiting()}")
         return self.result
+
+    def awaiting(self) -> str:
+        """Where the task is suspended: its chain of awaited coroutines."""
+        lines = []
+        coro: Any = self.task.get_coro() if self.task is not None else None
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                code = frame.f_code
+                lines.append(f"  {code.co_filename}:{frame.f_lineno} {code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        return "\n".join(lines)
 
 
 class Op(Actor):

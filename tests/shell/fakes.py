@@ -99,6 +99,31 @@ class FakePGconn:
                 self._pair = socket.socketpair()
             return self._pair[0].fileno()
 
+    def fd(self) -> int | None:
+        """The socket, made if needed (without passing through the "socket" point)."""
+        with self._lock:
+            if self.status == ConnStatus.BAD:
+                return None
+            if self._pair is None:
+                self._pair = socket.socketpair()
+            return self._pair[0].fileno()
+
+    def was_cut(self) -> bool:
+        """Was the socket shut down under us (the pool's watchdog cutting a check)?
+
+        Then nothing can be sent any more, as a query on a real connection.
+        """
+        with self._lock:
+            if self._pair is None:
+                return False
+            try:
+                self._pair[0].send(b"")
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            return False
+
     def server_says(self, data: bytes = b"E") -> None:
         """Something arrives on the idle connection (the server saying goodbye)."""
         self.socket  # noqa: B018 (makes the pair)
@@ -247,9 +272,14 @@ class Fakes:
         action = self._next(point)
         if isinstance(action, Gate):
             action.conn = conn
+            pg = _watched(conn)
             action.reached.set()
-            if not action.opened.wait(10.0):
-                raise AssertionError(f"{action} never opened by the test")
+            deadline = time.monotonic() + 10.0
+            while not action.opened.wait(0.005 if pg else 10.0):
+                if pg is not None and pg.was_cut():
+                    _cut_off(pg)
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{action} never opened by the test")
             action = action.raising
         self._act(action, conn)
 
@@ -259,8 +289,14 @@ class Fakes:
         action = self._next(point)
         if isinstance(action, Gate):
             action.conn = conn
+            pg = _watched(conn)
             action.reached.set()
-            await action.opened.wait()
+            while not action.opened.is_set():
+                try:
+                    await asyncio.wait_for(action.opened.wait(), 0.005 if pg else None)
+                except asyncio.TimeoutError:
+                    if pg is not None and pg.was_cut():
+                        _cut_off(pg)
             action = action.raising
         self._act(action, conn)
 
@@ -299,6 +335,19 @@ class Fakes:
     @property
     def closed(self) -> int:
         return sum(1 for c in self.conns if c.closed)
+
+
+def _watched(conn: Any) -> FakePGconn | None:
+    """A blocked call about a connection fails if the connection is cut meanwhile."""
+    pg = getattr(conn, "pgconn", None)
+    if isinstance(pg, FakePGconn) and pg.fd() is not None:
+        return pg
+    return None
+
+
+def _cut_off(pg: FakePGconn) -> None:
+    pg.finish()
+    raise OperationalError("server closed the connection unexpectedly")
 
 
 # ----------------------------------------------------------------------

@@ -191,6 +191,7 @@ BG_RETURN = {**BG_CONNECT}
 LEND_CHECK = {
     "cancel": (CANCELLED,),
     "timeout": (TIMEOUT,),
+    "pool_timeout": (POOL_TIMEOUT,),  # the check is cut at the client's deadline
     "error": ("conn",),  # given back, the next check passes
     "broken": ("conn",),  # thrown away, a new connection is made
     "interrupt": ("Interrupt",),

@@ -124,7 +124,7 @@ async def reach_null_queue(ctx: ACtx, how: str) -> tuple[Actor, Gate | None]:
 )
 async def reach_check(ctx: ACtx, how: str) -> tuple[Actor, Gate]:
     gate = ctx.fakes.block("check")
-    victim = ctx.client("victim")
+    victim = ctx.client("victim", timeout=victim_timeout(how))
     return victim, gate
 
 
@@ -138,7 +138,7 @@ async def reach_alive_check(ctx: ACtx, how: str) -> tuple[Actor, Gate]:
     """No check callback, but the idle connection received something: checked."""
     ctx.pool._core.idle[0].conn.pgconn.server_says()
     gate = ctx.fakes.block("execute")
-    return ctx.client("victim"), gate
+    return ctx.client("victim", timeout=victim_timeout(how)), gate
 
 
 @spot(
