@@ -11,7 +11,9 @@ table-driven tests put one interruption at one
 point; this puts many anywhere. Afterwards the books must balance as there.
 
 These runs found a pool left below min_size after a discard during the
-reconnection delay (now `test_refill_after_a_discard_while_waiting_to_retry`).
+reconnection delay (now `test_refill_after_a_discard_while_waiting_to_retry`) and
+putconn() failing while the idle connections were polled
+(`test_broken_return_while_others_take_idle_connections`).
 Set CHAOS_SEEDS for a longer hunt.
 """
 
@@ -47,14 +49,8 @@ ALLOWED = {
 }
 
 
-# KNOWN BUG, rare here (about one sync run in 2,000): putconn() of a broken connection
-# raises AttributeError when another thread takes an idle connection meanwhile; see
-# test_broken_return_while_others_take_idle_connections. Remove once fixed.
-KNOWN_BUGS = frozenset({"AttributeError"})
-
-
-def outcomes_allowed(actors: list[Any], known: frozenset[str] = frozenset()) -> None:
-    wrong = [(a.name, a.error) for a in actors if a.result not in ALLOWED | known]
+def outcomes_allowed(actors: list[Any]) -> None:
+    wrong = [(a.name, a.error) for a in actors if a.result not in ALLOWED]
     assert not wrong, f"unexpected outcomes: {wrong}"
 
 
@@ -174,5 +170,5 @@ def test_chaos_sync(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
         if rng.random() < 0.2:
             ctx.closer(rng.choice([0.01, 5.0]))
         ctx.finish()
-        outcomes_allowed(ctx.actors, KNOWN_BUGS)
+        outcomes_allowed(ctx.actors)
         TALLY["interruptions"] += ctx.fakes.injected + (1 if ctx.shut() else 0)
