@@ -119,7 +119,10 @@ SECTIONS = [
         " proxy that stops forwarding (sockets stay open). 4 clients call `getconn()` at"
         " once and keep what they get. The network then heals: the same connections work"
         " again, or (stranded) only new connections get through. Then 3 requests, one by"
-        " one, timeout 5 s. A hang is a call still running 1 s after its deadline.",
+        " one, timeout 5 s. A hang is a call still running 1 s after its deadline. Through"
+        " a loopback proxy the kernel acknowledges every packet, so TCP keepalives and"
+        " `tcp_user_timeout` never fire here: without a `check`, a request on a stranded"
+        " connection waits for the query forever, in both pools.",
         [
             Run("blackhole", "no check, heals", {}),
             Run("blackhole", "check, heals", {"check": True}),
@@ -152,7 +155,9 @@ SECTIONS = [
         "asyncio cancel storm, with a second cancel during the clean-up",
         "16 loops for 2 s on a pool of 4: start a task using a connection (two queries),"
         " cancel it at a random moment in the first 12 ms, cancel it again 0 to 3 event"
-        " loop rounds later, wait for it (bounded).",
+        " loop rounds later, wait for it (bounded). When the second cancellation"
+        " interrupts psycopg's own cancellation of the running query, psycopg closes the"
+        ' connection ("query cancellation interrupted"): the pool must replace it.',
         [Run("cancel_storm", "16 loops, 2 s", {"duration": 2.0})],
     ),
 ]
@@ -432,7 +437,7 @@ def render(data: dict[str, Any]) -> str:
         "",
         f"- Command: `{data['command']}`",
         f"- Date: {data['date']}; machine: {data['machine']}",
-        f"- Pools: {data['versions']}; ours at commit {data.get('revision', '?')}",
+        f"- Pools: {data['versions']}; ours at {data.get('revision', '?')}",
         "",
         "Columns: *errors the user saw* (exceptions raised to the clients), *time to"
         " recover*, *connections lost* (the pool's `pool_size` against the live server"
@@ -485,18 +490,21 @@ def versions() -> str:
     return "; ".join(parts)
 
 
+def git(*args: str) -> str:
+    res = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO)
+    return res.stdout.strip()
+
+
 def revision() -> str:
-    """The commit our pool was measured at, and whether its code had local changes."""
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "psycopg_pool"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    ).stdout.strip()
-    return f"{head or '?'}{' with uncommitted changes in psycopg_pool/' if dirty else ''}"
+    """The last commit of our pool's code, and whether it had local changes then."""
+    head = git("log", "-1", "--format=%h", "--", "psycopg_pool") or "?"
+    dirty = git("status", "--porcelain", "--", "psycopg_pool")
+    if not dirty:
+        return head
+    changes = git("diff", "HEAD", "--", "psycopg_pool")
+    return (
+        f"{head} with uncommitted changes in psycopg_pool/ (diff hash {hash(changes) & 0xFFFF:04x})"
+    )
 
 
 def machine() -> str:
@@ -544,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
                     data["results"].setdefault(section.scenario, {}).setdefault(run.variant, {})[
                         side
                     ] = report
+        if revision() != data["revision"]:
+            data["revision"] += f" (then {revision()} by the end of the run: mixed results)"
+            log(f"our pool changed during the run: {data['revision']}")
         RAW_DIR.mkdir(exist_ok=True)
         raw = RAW_DIR / f"faults-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
         raw.write_text(json.dumps(data, indent=1))
