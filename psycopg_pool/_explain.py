@@ -75,11 +75,10 @@ def reason(core: PoolCore, now: float, check_error: BaseException | None) -> str
         return f"the check callback rejected the connections: {error_text(check_error)}"
     busy = [s for s in core.live if s.state == IN_USE]
     if core.max_size and len(core.live) >= core.max_size and busy:
-        busy.sort(key=lambda s: s.taken_at)
-        holders = "; ".join(describe_holder(s, now) for s in busy[:3])
+        # Who holds them is found later, outside the pool's lock (see fill_holders()).
         return (
             f"the pool is exhausted: {len(busy)} of {core.max_size} connections in use,"
-            f" {len(core.waiting)} other clients waiting; held longest by {holders}"
+            f" {len(core.waiting)} other clients waiting; held longest by {HOLDERS}"
         )
     if core.n_connecting:
         return f"waiting for {core.n_connecting} connection attempts still in progress"
@@ -101,12 +100,37 @@ def state_line(name: str, core: PoolCore) -> str:
     )
 
 
-def describe_holder(slot: Slot, now: float) -> str:
-    who = describe_owner(slot)
-    text = f"{who} for {now - slot.taken_at:.1f} sec"
-    if slot.trace:
-        text += f" (taken at {where(slot.trace)})"
-    return text
+HOLDERS = "\x00holders\x00"
+
+# Who holds a lent connection does not change until it comes back: remember the
+# answer per lending, so that a storm of timeouts does not search every frame of
+# every thread and task again each time.
+_owners: dict[tuple[int, float], str] = {}
+
+
+def oldest_holders(core: PoolCore, n: int = 3) -> list[tuple[Slot, float]]:
+    """The `n` slots lent the longest ago, with when: to be read under the lock."""
+    busy = sorted((s.taken_at, s.id, s) for s in core.live if s.state == IN_USE)
+    return [(s, taken) for taken, _, s in busy[:n]]
+
+
+def fill_holders(msg: str, holders: list[tuple[Slot, float]], now: float) -> str:
+    """Put who holds the connections into a message made by timeout_message()."""
+    if HOLDERS not in msg:
+        return msg
+    parts = []
+    for slot, taken_at in holders:
+        key = (slot.id, taken_at)
+        who = _owners.get(key)
+        if who is None:
+            if len(_owners) > 1000:
+                _owners.clear()
+            who = _owners[key] = describe_owner(slot)
+        text = f"{who} for {now - taken_at:.1f} sec"
+        if slot.trace:
+            text += f" (taken at {where(slot.trace)})"
+        parts.append(text)
+    return msg.replace(HOLDERS, mask("; ".join(parts)) or "unknown clients")
 
 
 def describe_owner(slot: Slot) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg
 
 
@@ -9,6 +11,24 @@ class PoolTimeout(psycopg.OperationalError):
     """No connection could be had within the allowed time."""
 
     __module__ = "psycopg_pool"
+
+    # Part of the explanation (who holds the connections) searches every thread's and
+    # task's frames: done only if the message is read, not for every timeout raised.
+    _complete: Callable[[], str] | None = None
+
+    def _completed(self) -> None:
+        complete = self._complete
+        if complete is not None:
+            self._complete = None
+            self.args = (complete(), *self.args[1:])
+
+    def __str__(self) -> str:
+        self._completed()
+        return super().__str__()
+
+    def __repr__(self) -> str:
+        self._completed()
+        return super().__repr__()
 
 
 class PoolClosed(psycopg.OperationalError):

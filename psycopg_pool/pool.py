@@ -58,12 +58,15 @@ from ._core.commands import (
 from ._core.state import INF, PoolCore, Slot
 from ._core.stats import snapshot
 from ._explain import (
+    HOLDERS,
     capture_stack,
     describe_owner,
     error_text,
+    fill_holders,
     format_stack,
     init_failure_message,
     mask,
+    oldest_holders,
     timeout_message,
     wait_timeout_message,
 )
@@ -481,10 +484,15 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             self._watchdog.disarm(guard)
 
     def _timeout_error(self, timeout: float, check_error: Exception | None = None) -> PoolTimeout:
+        now = monotonic()
         with self._lock:
-            msg = timeout_message(self.name, timeout, self._core, monotonic(), check_error)
+            msg = timeout_message(self.name, timeout, self._core, now, check_error)
+            holders = oldest_holders(self._core) if HOLDERS in msg else []
             self._core.sample("timeout", timeout)
-        return PoolTimeout(msg)
+        ex = PoolTimeout(msg)
+        if holders:
+            ex._complete = lambda: fill_holders(msg, holders, now)
+        return ex
 
     def _connect_error(self, ticket: Waiter, timeout: float) -> PoolTimeout:
         """Connecting fails for good: say why at once, with the server's error as cause."""

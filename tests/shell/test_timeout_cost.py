@@ -19,21 +19,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from psycopg_pool import PoolTimeout
 
 from . import aharness, sharness
 
 FEW, MANY = 10, 200
 
-EXPLAINED_BY_SCAN = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: each PoolTimeout of an exhausted pool runs describe_owner() on up to 3"
-    " busy slots (_explain.timeout_message -> reason -> describe_holder), which reads"
-    " f_locals of every frame of every thread and task of the process, under the pool's"
-    " lock: its cost grows with the number of clients",
-)
 
 
 def calls_during(fn: Callable[[], Any]) -> int:
@@ -93,14 +84,12 @@ def sync_cost(parked: int) -> int:
     return cost
 
 
-@EXPLAINED_BY_SCAN
 @aharness.run_async
 async def test_async_timeout_cost_does_not_grow_with_tasks() -> None:
     few, many = await async_cost(FEW), await async_cost(MANY)
     assert many < 2 * few, f"{few} calls with {FEW} other tasks, {many} with {MANY}"
 
 
-@EXPLAINED_BY_SCAN
 def test_sync_timeout_cost_does_not_grow_with_threads() -> None:
     few, many = sync_cost(FEW), sync_cost(MANY)
     assert many < 2 * few, f"{few} calls with {FEW} other threads, {many} with {MANY}"
