@@ -287,6 +287,8 @@ class PoolCore:
         """A request `take()` could not serve: take, connect inline, or queue."""
         if self.status != OPEN:
             return NOT_OPEN if self.status == NEW else IS_CLOSED
+        # The same loop as take(), repeated rather than shared: take() is the hot path
+        # and a helper call there costs more than the rest of it.
         idle = self.idle
         while idle:
             slot = idle.popleft()
