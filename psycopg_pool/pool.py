@@ -30,6 +30,7 @@ from psycopg.pq import TransactionStatus
 from typing_extensions import Self, TypeVar
 
 from . import _config
+from . import _connection_facts as facts
 from . import _connector as connector
 from ._acompat import (
     Background,
@@ -471,7 +472,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         check = self._check
         if check is None:
             if not (
-                slot.taken_at - slot.idle_since > self._alive_after and connector.has_input(conn)
+                slot.taken_at - slot.idle_since > self._alive_after and facts.has_input(conn)
             ):
                 return
             check = self.check_connection
@@ -708,7 +709,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         them all at once rather than lending them one by one to clients. A broken
         connection that says its server became read-only means a failover: drain.
         """
-        if connector.read_only_error(dead) and connector.wants_read_write(self):
+        if facts.read_only_error(dead) and facts.wants_read_write(self):
             logger.warning("pool %r: the server is now read-only: draining", self.name)
             with self._lock:
                 self._core.drain(monotonic())
@@ -718,7 +719,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         with self._lock:
             # The connections too: a slot may be lent (its `conn` cleared) meanwhile.
             idle = [(slot, slot.conn) for slot in self._core.idle]
-        gone = [slot for slot, conn in idle if connector.has_input(conn)]
+        gone = [slot for slot, conn in idle if facts.has_input(conn)]
         if not gone:
             return
         logger.info("pool %r: %d idle connections closed by the server", self.name, len(gone))
@@ -859,7 +860,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             conn = attempt.run(self)
         except BaseException as ex:
             logger.warning("error connecting in %r: %s", self.name, mask(str(ex)))
-            fatal = connector.is_fatal(ex)
+            fatal = facts.is_fatal(ex)
             with self._lock:
                 self._core.connect_failed(slot, monotonic(), attempt.connect_failed, ex, fatal)
                 cmds = self._swap_out()

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from .._connector import add_network_defaults
+from .._connection_facts import add_network_defaults
 from .._explain import mask
 from ..errors import PoolTimeout
 from ..pool import ConnectionPool
