@@ -60,8 +60,6 @@ def check_cancelled() -> None:
     pass
 
 
-
-
 # ----------------------------------------------------------------------
 # Waiting clients
 
@@ -358,9 +356,10 @@ class AsyncBackground:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    def daemon(
-        self, name: str, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any
-    ) -> None:
+    # Every job is a task of its own already.
+    extra = spawn
+
+    def daemon(self, name: str, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         task = asyncio.get_running_loop().create_task(fn(*args), name=name)
         self.daemons.append(task)
 
@@ -401,6 +400,14 @@ class Background:
             _run_job(fn, args)
         else:
             self.queue.put((fn, args))
+
+    def extra(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run one job in a thread of its own: the workers may all be stuck."""
+        if self.stopped:
+            _run_job(fn, args)
+            return
+        self.threads = [t for t in self.threads if t.is_alive()]
+        self.daemon(f"{self.name}-extra", _run_job, fn, args)
 
     def daemon(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
         t = threading.Thread(target=fn, args=args, name=name, daemon=True)

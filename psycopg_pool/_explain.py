@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Iterable
 from typing import Any
 
-from ._core.state import IN_USE, PoolCore, Slot
+from ._core.state import IN_USE, STUCK_AFTER, PoolCore, Slot
 
 _SECRET_KV = re.compile(
     r"""(?ix)
@@ -80,8 +80,14 @@ def reason(core: PoolCore, now: float, check_error: BaseException | None) -> str
             f"the pool is exhausted: {len(busy)} of {core.max_size} connections in use,"
             f" {len(core.waiting)} other clients waiting; held longest by {HOLDERS}"
         )
-    if core.n_connecting:
-        return f"waiting for {core.n_connecting} connection attempts still in progress"
+    if core.n_connecting or core.n_abandoned:
+        hung = (
+            f" ({core.n_abandoned} more given up after hanging {STUCK_AFTER:g} sec:"
+            " is the network to the server silent?)"
+            if core.n_abandoned
+            else ""
+        )
+        return f"waiting for {core.n_connecting} connection attempts still in progress{hung}"
     return "no connection became available in time"
 
 

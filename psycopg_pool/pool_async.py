@@ -469,9 +469,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         """
         check = self._check
         if check is None:
-            if not (
-                slot.taken_at - slot.idle_since > self._alive_after and facts.has_input(conn)
-            ):
+            if not (slot.taken_at - slot.idle_since > self._alive_after and facts.has_input(conn)):
                 return
             check = self.check_connection
         # Bounded by the client's deadline: past it the connection is cut and the check
@@ -829,7 +827,11 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             elif kind is Close:
                 self._spawn(self._close_job, cast(Close, cmd).slot)
             elif kind is Connect:
-                self._spawn(self._connect_job, cast(Connect, cmd).slot)
+                connect = cast(Connect, cmd)
+                if connect.extra and self._bg is not None:
+                    self._bg.extra(self._connect_job, connect.slot)
+                else:
+                    self._spawn(self._connect_job, connect.slot)
             elif kind is Log:
                 log = cast(Log, cmd)
                 if logger.isEnabledFor(log.level):
@@ -931,7 +933,6 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             describe_owner(slot),
             where,
         )
-
 
     def _after_fork(self) -> None:
         """In a forked child: forget the parent's connections, start afresh.

@@ -20,15 +20,20 @@ class Command:
 
 
 class Connect(Command):
-    """Open a new connection for `slot` (in the background)."""
+    """Open a new connection for `slot` (in the background).
 
-    __slots__ = ("slot",)
+    `extra`: attempts given up as hung may still hold the shell's workers, so this
+    one needs a worker of its own rather than a place in their queue.
+    """
 
-    def __init__(self, slot: Slot) -> None:
+    __slots__ = ("extra", "slot")
+
+    def __init__(self, slot: Slot, extra: bool = False) -> None:
         self.slot = slot
+        self.extra = extra
 
     def __repr__(self) -> str:
-        return f"Connect({self.slot!r})"
+        return f"Connect({self.slot!r}{', extra' if self.extra else ''})"
 
 
 class Close(Command):

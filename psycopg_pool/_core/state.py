@@ -101,8 +101,9 @@ F_CONNECT = "connect"  # connecting fails for a reason retrying cannot fix
 # be served soon after the server is back rather than after a long backoff step.
 DEMAND_PROBE_INTERVAL = 0.2
 
-# With clients waiting and every attempt slot taken for this long, one more attempt
-# may start: the others may hang on a network that went silent (see _stuck_until).
+# An attempt still running after this long while clients wait is presumed to hang on
+# a network that went silent: it is abandoned (see _abandon_stuck), so that a network
+# that heals meanwhile is tried at once rather than after the connect timeout.
 STUCK_AFTER = 2.0
 
 # A metrics exporter that stops scraping must not make the pool grow without bound.
@@ -117,6 +118,7 @@ _slot_ids = count(1)
 
 class Slot:
     __slots__ = (
+        "abandoned",
         "conn",
         "created_at",
         "epoch",
@@ -148,6 +150,7 @@ class Slot:
         self.ticket: Ticket | None = None
         self.inline = False
         self.probe = False
+        self.abandoned = False  # a hung attempt no longer counted (see _abandon_stuck)
         # Set by `connection()` when it lends the slot: its time out counts in usage_ms.
         self.lent_at = 0.0
         self.taken_at = 0.0  # when a client last got it
@@ -233,6 +236,7 @@ class PoolCore:
         self.n_inline = 0  # null-pool attempts made by the caller
         self.n_busy = 0  # GRANTED + IN_USE
         self.n_checking = 0
+        self.n_abandoned = 0  # hung attempts given up on, not finished yet
         self.want_probe = False  # null pool: a wait() asked for one connection attempt
         self.backoff = Backoff(self.rng)
         self.last_failure_at = -INF
@@ -325,6 +329,14 @@ class PoolCore:
         self.waiting[ticket] = None
         ticket.tstate = T_WAITING
         self.requests_queued += 1
+        if (
+            self.n_connecting
+            and self.sleep_until > now + STUCK_AFTER
+            and self.n_abandoned < self.num_workers
+        ):
+            # The housekeeper must look at the attempts under way by the time they
+            # would count as hung (next_deadline() says exactly when).
+            self.out.append(Rearm())
         b = self.backoff
         if b.started_at is not None and not self.n_connecting:
             # Demand while failing: probe soon rather than after the long step.
@@ -388,8 +400,10 @@ class PoolCore:
             self.n_checking -= 1
         if slot.lent_at:
             self._usage(slot, now)
-        if slot.generation == self.generation and slot.expire_at > now and not (
-            self.waiting or self.null
+        if (
+            slot.generation == self.generation
+            and slot.expire_at > now
+            and not (self.waiting or self.null)
         ):
             # The common case, inlined: back to the idle deque. (A slot of the current
             # generation implies an open pool: close() starts a new generation.)
@@ -458,7 +472,20 @@ class PoolCore:
 
     def connected(self, slot: Slot, conn: Any, now: float, ms: int) -> Ticket | None:
         """An attempt (background or inline) succeeded."""
-        if slot.inline:
+        room = True
+        if slot.abandoned:
+            # It was given up as hung, and another attempt took its place: keep it
+            # only if there is still room for it.
+            slot.abandoned = False
+            self.n_abandoned -= 1
+            room = (
+                self.status == OPEN
+                and slot.epoch == self.epoch
+                and (not self.max_size or len(self.live) - self.n_old_epoch < self.max_size)
+            )
+            if room:
+                self.live.add(slot)
+        elif slot.inline:
             self.n_inline -= 1
         else:
             self.n_connecting -= 1
@@ -474,6 +501,10 @@ class PoolCore:
             self.backoff.succeeded()
             self.fail_count = 0
         self.fatal = False
+        if not room:
+            slot.state = CLOSED  # never back in `live`: no bookkeeping to undo
+            self.out.append(Close(slot))
+            return None
         if self.status != OPEN or slot.epoch != self.epoch:
             self._close(slot)
             return None
@@ -501,16 +532,20 @@ class PoolCore:
         database...). The pool keeps retrying in the background (credentials may be
         rotated), but clients with nothing else to wait for fail at once.
         """
-        if slot.inline:
-            self.n_inline -= 1
+        if slot.abandoned:
+            slot.abandoned = False
+            self.n_abandoned -= 1
         else:
-            self.n_connecting -= 1
+            if slot.inline:
+                self.n_inline -= 1
+            else:
+                self.n_connecting -= 1
+            self.live.discard(slot)
+            if slot.epoch != self.epoch:
+                self.n_old_epoch -= 1
         if counted:
             self.connections_errors += 1
-        self.live.discard(slot)
         slot.state = CLOSED
-        if slot.epoch != self.epoch:
-            self.n_old_epoch -= 1
         if slot.probe:
             self.want_probe = True
         self.last_failure_at = now
@@ -691,6 +726,8 @@ class PoolCore:
                 self._close(slot)
         if self.leak_timeout:
             self._report_leaks(now)
+        if self.waiting and self.n_connecting:
+            self._abandon_stuck(now)
         self._fill(now)
 
     def _report_leaks(self, now: float) -> None:
@@ -716,8 +753,8 @@ class PoolCore:
             for s in self.live:
                 if s.state == IN_USE and s.leak_reported != s.taken_at:
                     d = min(d, s.taken_at + self.leak_timeout)
-        if self.waiting and self._need() > 0:
-            d = min(d, self._stuck_until())
+        if self.waiting and self.n_connecting:
+            d = min(d, self._stuck_at())
         self.sleep_until = d
         return d
 
@@ -799,21 +836,48 @@ class PoolCore:
             self.out.append(Wake(t))
         self.ready_waiters.clear()
 
-    def _stuck_until(self) -> float:
-        """When, with clients waiting and every attempt slot taken, to start another.
-
-        An attempt on a network that went silent hangs until its connect timeout;
-        with all `num_workers` of them hanging, a network that heals would not be
-        tried until they give up. So once the newest attempt is STUCK_AFTER old
-        while clients wait, one more may start (within max_size, as always).
-        """
-        if not self.waiting or self.n_connecting < self.num_workers or self.backoff.failing:
+    def _stuck_at(self) -> float:
+        """When the oldest attempt that may be abandoned will count as hung."""
+        if self.n_abandoned >= self.num_workers:
             return INF
-        newest = max(
-            (s.started_at for s in self.live if s.state == CONNECTING and not s.inline),
-            default=INF,
+        return (
+            min(
+                (s.started_at for s in self.live if self._abandonable(s)), default=INF - STUCK_AFTER
+            )
+            + STUCK_AFTER
         )
-        return newest + STUCK_AFTER
+
+    def _abandonable(self, slot: Slot) -> bool:
+        return slot.state == CONNECTING and not slot.inline and slot.epoch == self.epoch
+
+    def _abandon_stuck(self, now: float) -> None:
+        """Stop counting the attempts that have hung for STUCK_AFTER while clients wait.
+
+        An attempt on a network that went silent hangs until its connect timeout,
+        holding a place within `max_size` and `num_workers`: a network that heals
+        meanwhile would not be tried until then. An abandoned attempt leaves `live`
+        (its place goes to a new attempt); if it succeeds after all, its connection
+        is kept if there is room (see connected()) and closed otherwise. At most
+        `num_workers` are abandoned at a time: each may hold a thread until its
+        connect timeout.
+        """
+        limit = now - STUCK_AFTER
+        for slot in sorted(
+            (s for s in self.live if self._abandonable(s) and s.started_at <= limit),
+            key=lambda s: (s.started_at, s.id),
+        ):
+            if self.n_abandoned >= self.num_workers:
+                break
+            slot.abandoned = True
+            self.live.discard(slot)
+            self.n_connecting -= 1
+            self.n_abandoned += 1
+            self._log_info(
+                "connection attempt %s in pool %r hung for %s sec: starting another",
+                slot.id,
+                self.name,
+                round(now - slot.started_at, 1),
+            )
 
     def _need(self) -> int:
         """How many more connection attempts the current demand calls for."""
@@ -837,8 +901,6 @@ class PoolCore:
         if need <= 0:
             return
         par = self.num_workers - self.n_connecting
-        if par <= 0 and self._stuck_until() <= now:
-            par = 1  # every attempt hangs on a silent network: try one more
         b = self.backoff
         if b.started_at is not None:
             # While failing, one attempt at a time, and only when the schedule says.
@@ -863,7 +925,9 @@ class PoolCore:
             if probe:
                 slot.probe = True
                 self.want_probe = probe = False
-            self.out.append(Connect(slot))
+            # With abandoned attempts still hanging, the shell's workers may all be
+            # taken: this attempt must not queue behind them.
+            self.out.append(Connect(slot, self.n_abandoned > 0))
 
     def _log_info(self, msg: str, *args: Any) -> None:
         self.out.append(Log(20, msg, *args))

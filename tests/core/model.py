@@ -285,7 +285,12 @@ class Harness:
         # Where the harness believes each live slot is.
         believed: dict[Slot, int] = {}
         for s in self.connecting:
-            believed[s] = st.CONNECTING
+            if not s.abandoned:
+                believed[s] = st.CONNECTING
+        abandoned = [s for s in self.connecting if s.abandoned]
+        assert core.n_abandoned == len(abandoned), "abandoned attempts miscounted"
+        assert core.n_abandoned <= core.num_workers
+        assert all(s.state == st.CONNECTING and s not in core.live for s in abandoned)
         for s in self.held:
             believed[s] = st.IN_USE
         for s in self.checking:

@@ -9,6 +9,7 @@ import pytest
 from psycopg_pool._core import state as st
 from psycopg_pool._core.backoff import Backoff
 from psycopg_pool._core.commands import Close, Connect, Log, ReconnectFailed
+from psycopg_pool._core.state import Slot
 from psycopg_pool._core.stats import snapshot
 
 from .model import Harness
@@ -677,19 +678,76 @@ def test_renewed_core_keeps_settings_not_state() -> None:
     assert h.core.renewed().samples is None
 
 
-def test_attempts_hanging_on_a_silent_network_do_not_block_new_ones() -> None:
-    h = Harness.make(min_size=0, max_size=4, num_workers=2)
+def _attempts(h: Harness) -> list[Slot]:
+    return [s for s in h.connecting if not s.abandoned]
+
+
+def test_attempts_hanging_on_a_silent_network_are_abandoned_for_new_ones() -> None:
+    # At max_size, with every attempt hanging: the waiting client is not held up
+    # until they time out.
+    h = Harness.make(min_size=0, max_size=2, num_workers=2)
     h.open()
     h.getconn()
     h.getconn()
-    assert len(h.connecting) == 2
-    h.getconn()  # a third waiter: no attempt slot free
-    assert len(h.connecting) == 2
+    old = list(h.connecting)
+    assert len(old) == 2
+    h.tick(1.0)
+    h.getconn()  # a third client: no room at max_size
     assert h.core.next_deadline() == st.STUCK_AFTER
-    h.tick(st.STUCK_AFTER)  # both attempts hang: one more starts
-    assert len(h.connecting) == 3
     h.tick(0.5)
-    assert len(h.connecting) == 3  # not before the newest has hung as long
-    h.connect_ok(h.connecting[-1])
-    assert len(h.granted) == 1
+    assert _attempts(h) == old  # not hung long enough yet
+    h.tick(0.5)
+    assert all(s.abandoned for s in old) and h.core.n_abandoned == 2
+    new = _attempts(h)
+    assert len(new) == 2 and not set(new) & set(old)
+    assert len(h.core.live) == 2  # the abandoned ones no longer count
+    assert any("hung for" in log.msg for log in h.logs)
+    h.check()
+    # The new attempts get through; the abandoned ones finish later: one fails, and
+    # one succeeds but finds no room, so it is closed.
+    for s in new:
+        h.connect_ok(s)
+    assert len(h.granted) == 2
+    h.connect_fail(old[0])
+    h.connect_ok(old[1])
+    assert old[1].state == st.CLOSED and old[1] not in h.core.live
+    assert h.core.n_abandoned == 0
+    h.check()
+
+
+def test_an_abandoned_attempt_that_succeeds_is_kept_if_there_is_room() -> None:
+    h = Harness.make(min_size=0, max_size=3, num_workers=1)
+    h.open()
+    h.getconn()
+    (old,) = h.connecting
+    h.tick(st.STUCK_AFTER)
+    assert old.abandoned
+    assert h.core._stuck_at() == st.INF  # num_workers abandoned already: no more
+    # Only num_workers attempts may be abandoned at once: the new one is not.
+    h.tick(st.STUCK_AFTER)
+    assert h.core.n_abandoned == 1 and len(_attempts(h)) == 1
+    h.connect_ok(old)
+    assert old in h.core.live and len(h.granted) == 1
+    h.check()
+
+
+def test_no_attempt_is_abandoned_without_waiting_clients() -> None:
+    h = Harness.make(min_size=2, max_size=4, num_workers=2)
+    h.open()
+    assert h.core.next_deadline() == h.core.shrink_at  # no deadline for the attempts
+    h.tick(10.0)
+    assert h.core.n_abandoned == 0 and len(h.connecting) == 2
+
+
+def test_abandoned_attempts_after_close_are_closed() -> None:
+    h = Harness.make(min_size=0, max_size=2, num_workers=2)
+    h.open()
+    h.getconn()
+    h.tick(st.STUCK_AFTER)
+    (old,) = [s for s in h.connecting if s.abandoned]
+    h.close()
+    h.open()
+    h.connect_ok(old)
+    assert old.state == st.CLOSED and old not in h.core.live
+    assert h.core.n_abandoned == 0
     h.check()

@@ -218,13 +218,6 @@ def test_blackhole_requests_succeed_once_the_network_is_back(
     assert_nothing_lost(report)
 
 
-@bug(
-    "after a black hole that strands the old sockets, the first request can still time"
-    " out: attempts started during the black hole hang until connect_timeout (5 s by"
-    " default now) and, with the pool at max_size, no extra attempt may start"
-    " (PoolCore._stuck_until() only helps below max_size); a hanging attempt cannot be"
-    " abandoned because psycopg's connect() gives no handle to cut it"
-)
 def test_blackhole_stranded_requests_succeed_once_the_network_is_back(
     blackhole_check_stranded: dict[str, Any],
 ) -> None:
