@@ -17,7 +17,16 @@ COUNTERS = (
     "connections_errors",
     "connections_lost",
 )
-GAUGES = ("pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting")
+# pool_connecting is ours: pool_size counts the attempts under way (as upstream's
+# does), so this tells them apart from real connections.
+GAUGES = (
+    "pool_min",
+    "pool_max",
+    "pool_size",
+    "pool_available",
+    "requests_waiting",
+    "pool_connecting",
+)
 
 
 def snapshot(core: PoolCore, reset: bool = False) -> dict[str, int]:
@@ -28,6 +37,7 @@ def snapshot(core: PoolCore, reset: bool = False) -> dict[str, int]:
         "pool_size": core.pool_size(),
         "pool_available": len(core.idle),
         "requests_waiting": len(core.waiting),
+        "pool_connecting": core.n_connecting + core.n_inline,
     }
     touched = core.touched
     for key in COUNTERS:

@@ -17,7 +17,9 @@ Gauges (from `get_stats()`, at scrape time):
 - ``psycopg_pool_connections_idle``: idle connections (``pool_available``);
 - ``psycopg_pool_connections_in_use``: the others (``pool_size - pool_available``);
 - ``psycopg_pool_requests_waiting``: clients queued for a connection;
-- ``psycopg_pool_max_size``, ``psycopg_pool_min_size``.
+- ``psycopg_pool_max_size``, ``psycopg_pool_min_size``;
+- ``psycopg_pool_connections_connecting``: connection attempts under way, counted in
+  ``psycopg_pool_connections`` (``pool_connecting``).
 
 Counters (``_total``), from the pool's counters, which start at the pool's creation;
 they never go backwards, even if something calls `pool.pop_stats()` (a counter seen
@@ -198,6 +200,11 @@ class PoolCollector(Collector):
             ),
             GaugeMetricFamily(f"{p}_max_size", "The pool's max_size.", labels=["pool"]),
             GaugeMetricFamily(f"{p}_min_size", "The pool's min_size.", labels=["pool"]),
+            GaugeMetricFamily(
+                f"{p}_connections_connecting",
+                "Connection attempts under way (counted in connections).",
+                labels=["pool"],
+            ),
         ]
 
     def _families(self) -> list[Metric]:
@@ -212,7 +219,8 @@ class PoolCollector(Collector):
         stats = w.pool.get_stats()
         size, idle = stats["pool_size"], stats["pool_available"]
         waiting, pmax, pmin = stats["requests_waiting"], stats["pool_max"], stats["pool_min"]
-        values = (size, idle, max(size - idle, 0), waiting, pmax, pmin)
+        connecting = stats["pool_connecting"]
+        values = (size, idle, max(size - idle, 0), waiting, pmax, pmin, connecting)
         for family, value in zip(gauges, values, strict=True):
             family.add_metric([w.name], value)
 

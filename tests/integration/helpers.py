@@ -95,6 +95,17 @@ def warnings_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     return log_messages(caplog, logging.WARNING)
 
 
+# The keys get_stats() always has.
+GAUGES = {
+    "pool_min",
+    "pool_max",
+    "pool_size",
+    "pool_available",
+    "requests_waiting",
+    "pool_connecting",  # ours: upstream has no way to tell attempts from connections
+}
+
+
 class ConnectGate:
     """Makes connection attempts of a pool block until released, and counts them.
 

@@ -172,7 +172,7 @@ class Prom:
 
     def gauges(self) -> dict[str, float | None]:
         keys = ("connections", "connections_idle", "connections_in_use", "requests_waiting")
-        keys += ("max_size", "min_size")
+        keys += ("max_size", "min_size", "connections_connecting")
         return {k: self(f"psycopg_pool_{k}") for k in keys}
 
 
@@ -193,6 +193,7 @@ def test_prometheus_reads_back_stats_and_events(dsn: str, flavor: str) -> None:
         "requests_waiting": 1,
         "max_size": 3,
         "min_size": 2,
+        "connections_connecting": 0,
     }
     assert end_gauges == {
         "connections": stats["pool_size"],
@@ -201,6 +202,7 @@ def test_prometheus_reads_back_stats_and_events(dsn: str, flavor: str) -> None:
         "requests_waiting": stats["requests_waiting"],
         "max_size": stats["pool_max"],
         "min_size": stats["pool_min"],
+        "connections_connecting": stats["pool_connecting"],
     }
 
     # Counters follow the pool's counters (absent ones are 0).

@@ -27,6 +27,7 @@ from psycopg_pool import (
 )
 
 from .helpers import (
+    GAUGES,
     GatedAsyncConnection,
     await_stat,
     await_until,
@@ -40,7 +41,6 @@ from .helpers import (
 )
 
 CLASSES = [NullConnectionPool, AsyncNullConnectionPool]
-GAUGES = {"pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting"}
 
 
 @pytest.fixture(params=["sync", "async"])

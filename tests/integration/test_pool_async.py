@@ -20,6 +20,7 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 from .helpers import (
+    GAUGES,
     GatedAsyncConnection,
     afetchval,
     async_pool,
@@ -35,9 +36,6 @@ from .helpers import (
     terminate_backends,
 )
 
-GAUGES = {"pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting"}
-
-
 # ----------------------------------------------------------------------
 # Lending and taking back
 
@@ -52,6 +50,7 @@ async def test_getconn_putconn(dsn: str) -> None:
             "pool_size": 2,
             "pool_available": 2,
             "requests_waiting": 0,
+            "pool_connecting": 0,
         }
         conn = await pool.getconn()
         assert isinstance(conn, AsyncConnection)

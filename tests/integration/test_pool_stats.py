@@ -12,6 +12,8 @@ import pytest
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from .helpers import (
+    GAUGES,
+    ConnectGate,
     PoolClient,
     backend_pid,
     pool_after_giving_up,
@@ -21,7 +23,6 @@ from .helpers import (
     wait_until,
 )
 
-GAUGES = {"pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting"}
 COUNTERS = {f"requests_{k}" for k in ("num", "queued", "wait_ms", "errors")}
 COUNTERS |= {"usage_ms", "returns_bad"}
 COUNTERS |= {f"connections_{k}" for k in ("num", "ms", "errors", "lost")}
@@ -35,8 +36,24 @@ def test_gauges_before_open() -> None:
         "pool_size": 2,
         "pool_available": 0,
         "requests_waiting": 0,
+        "pool_connecting": 0,
     }
     assert pool.pop_stats() == pool.get_stats()
+
+
+def test_pool_connecting_tells_attempts_from_connections(dsn: str) -> None:
+    gate = ConnectGate()
+    with ConnectionPool(
+        dsn, min_size=2, max_size=4, connection_class=gate.connection_class, name="attempts"
+    ) as pool:
+        wait_until(lambda: gate.in_flight == 2, "two attempts under way")
+        stats = pool.get_stats()
+        # pool_size counts the attempts, as upstream's does; pool_connecting says so.
+        assert (stats["pool_size"], stats["pool_connecting"]) == (2, 2)
+        gate.release()
+        pool.wait(5.0)
+        stats = pool.get_stats()
+        assert (stats["pool_size"], stats["pool_connecting"]) == (2, 0)
 
 
 def test_keys_and_types(dsn: str) -> None:
