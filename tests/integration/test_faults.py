@@ -2,8 +2,8 @@
 
 Each scenario of `faults.py` runs once (a module-scoped fixture) against the session's
 server, which it stops, restarts or reconfigures, and leaves running as it found it;
-the tests below assert on its report, one property each, so that a property our pool
-does not meet yet (an xfail naming the bug) does not hide the others. The same
+the tests below assert on its report, one property each, so that one property that
+fails does not hide the others. The same
 scenarios run against upstream psycopg-pool in `bench/faults.py` (FAULTS.md).
 
 "Lost" is always checked the same way: once the fault is over the pool's `pool_size`
@@ -44,10 +44,6 @@ def once(fn: Callable[..., dict[str, Any]], **params: Any) -> Callable[..., dict
         return fn(server, **params)
 
     return report
-
-
-def bug(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"BUG: {reason}")
 
 
 def assert_nothing_lost(report: dict[str, Any]) -> None:
