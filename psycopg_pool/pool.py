@@ -437,6 +437,10 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             if slot is None:
                 slot = self._wait_slot(t0, deadline, timeout, check_error)
             conn = self._lend(slot)
+            if self._check is None and slot.taken_at - slot.idle_since <= self._alive_after:
+                # Nothing to check (the common case after a wait): skip the call.
+                logger.info("connection given by %r", self.name)
+                return conn
             # From here until it is returned, any exception gives the connection back.
             try:
                 self._check_before_lending(slot, conn, deadline)
@@ -512,38 +516,15 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             res = core.request(ticket, monotonic(), deadline > t0)
             cmds = self._swap_out()
         self._execute(cmds)
-        if res == core_state.GOT:
-            assert ticket.slot is not None
-            return ticket.slot
-        if res == core_state.QUEUED:
-            return self._wait_queued(ticket, t0, deadline, timeout, check_error)
-        if res == core_state.FAILING:
-            raise self._connect_error(ticket, timeout)
-        if res == core_state.INLINE:
-            return self._connect_inline(ticket, deadline)
-        if res == core_state.TOO_MANY:
-            raise TooManyRequests(
-                f"the pool {self.name!r} has already {len(core.waiting)} requests waiting"
-            )
-        if res == core_state.NO_WAIT:
-            raise self._timeout_error(timeout, check_error)
-        self._check_open()
-        raise AssertionError(f"unexpected request outcome {res}")
-
-    def _wait_queued(
-        self,
-        ticket: Waiter,
-        t0: float,
-        deadline: float,
-        timeout: float,
-        check_error: Exception | None,
-    ) -> Slot:
+        if res != core_state.QUEUED:
+            return self._not_queued(res, ticket, deadline, timeout, check_error)
+        # Queued: the common case under load, kept in this one frame.
         try:
             woken = ticket.wait(deadline - monotonic(), self._deadlines)
             if woken:
                 now = monotonic()
                 with self._lock:
-                    slot = self._core.accept(ticket, now, int(1000.0 * (now - t0)))
+                    slot = core.accept(ticket, now, int(1000.0 * (now - t0)))
                 if slot is not None:
                     return slot
                 if ticket.error is not None and ticket.error.kind == core_state.F_CONNECT:
@@ -555,6 +536,31 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             raise
         self._withdraw(ticket, t0)
         raise self._timeout_error(timeout, check_error)
+
+    def _not_queued(
+        self,
+        res: int,
+        ticket: Waiter,
+        deadline: float,
+        timeout: float,
+        check_error: Exception | None,
+    ) -> Slot:
+        """The other outcomes of a request that take() could not serve."""
+        if res == core_state.GOT:
+            assert ticket.slot is not None
+            return ticket.slot
+        if res == core_state.FAILING:
+            raise self._connect_error(ticket, timeout)
+        if res == core_state.INLINE:
+            return self._connect_inline(ticket, deadline)
+        if res == core_state.TOO_MANY:
+            raise TooManyRequests(
+                f"the pool {self.name!r} has already {len(self._core.waiting)} requests waiting"
+            )
+        if res == core_state.NO_WAIT:
+            raise self._timeout_error(timeout, check_error)
+        self._check_open()
+        raise AssertionError(f"unexpected request outcome {res}")
 
     def _withdraw(self, ticket: Waiter, t0: float) -> None:
         now = monotonic()

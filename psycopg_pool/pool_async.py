@@ -435,6 +435,10 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             if slot is None:
                 slot = await self._wait_slot(t0, deadline, timeout, check_error)
             conn = self._lend(slot)
+            if self._check is None and slot.taken_at - slot.idle_since <= self._alive_after:
+                # Nothing to check (the common case after a wait): skip the call.
+                logger.info("connection given by %r", self.name)
+                return conn
             # From here until it is returned, any exception gives the connection back.
             try:
                 await self._check_before_lending(slot, conn, deadline)
@@ -510,38 +514,15 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             res = core.request(ticket, monotonic(), deadline > t0)
             cmds = self._swap_out()
         self._execute(cmds)
-        if res == core_state.GOT:
-            assert ticket.slot is not None
-            return ticket.slot
-        if res == core_state.QUEUED:
-            return await self._wait_queued(ticket, t0, deadline, timeout, check_error)
-        if res == core_state.FAILING:
-            raise self._connect_error(ticket, timeout)
-        if res == core_state.INLINE:
-            return await self._connect_inline(ticket, deadline)
-        if res == core_state.TOO_MANY:
-            raise TooManyRequests(
-                f"the pool {self.name!r} has already {len(core.waiting)} requests waiting"
-            )
-        if res == core_state.NO_WAIT:
-            raise self._timeout_error(timeout, check_error)
-        self._check_open()
-        raise AssertionError(f"unexpected request outcome {res}")
-
-    async def _wait_queued(
-        self,
-        ticket: AsyncWaiter,
-        t0: float,
-        deadline: float,
-        timeout: float,
-        check_error: Exception | None,
-    ) -> Slot:
+        if res != core_state.QUEUED:
+            return await self._not_queued(res, ticket, deadline, timeout, check_error)
+        # Queued: the common case under load, kept in this one frame.
         try:
             woken = await ticket.wait(deadline - monotonic(), self._deadlines)
             if woken:
                 now = monotonic()
                 with self._lock:
-                    slot = self._core.accept(ticket, now, int(1000.0 * (now - t0)))
+                    slot = core.accept(ticket, now, int(1000.0 * (now - t0)))
                 if slot is not None:
                     return slot
                 if ticket.error is not None and ticket.error.kind == core_state.F_CONNECT:
@@ -553,6 +534,31 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             raise
         self._withdraw(ticket, t0)
         raise self._timeout_error(timeout, check_error)
+
+    async def _not_queued(
+        self,
+        res: int,
+        ticket: AsyncWaiter,
+        deadline: float,
+        timeout: float,
+        check_error: Exception | None,
+    ) -> Slot:
+        """The other outcomes of a request that take() could not serve."""
+        if res == core_state.GOT:
+            assert ticket.slot is not None
+            return ticket.slot
+        if res == core_state.FAILING:
+            raise self._connect_error(ticket, timeout)
+        if res == core_state.INLINE:
+            return await self._connect_inline(ticket, deadline)
+        if res == core_state.TOO_MANY:
+            raise TooManyRequests(
+                f"the pool {self.name!r} has already {len(self._core.waiting)} requests waiting"
+            )
+        if res == core_state.NO_WAIT:
+            raise self._timeout_error(timeout, check_error)
+        self._check_open()
+        raise AssertionError(f"unexpected request outcome {res}")
 
     def _withdraw(self, ticket: AsyncWaiter, t0: float) -> None:
         now = monotonic()

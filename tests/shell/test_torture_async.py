@@ -595,9 +595,9 @@ COVERED: dict[str, list[str]] = {
         "test_check_turning_cancellation_into_an_error",
     ],
     "AsyncConnectionPool._getconn_slow: asleep": ["check-sleep"],
-    "AsyncConnectionPool._wait_slot: self._wait_queued": ["queue", "null-queue"],
-    "AsyncConnectionPool._wait_slot: self._connect_inline": [f"inline-{s}" for s in CONNECT_STEPS],
-    "AsyncConnectionPool._wait_queued: ticket.wait": [
+    "AsyncConnectionPool._wait_slot: self._not_queued": [f"inline-{s}" for s in CONNECT_STEPS],
+    "AsyncConnectionPool._not_queued: self._connect_inline": [f"inline-{s}" for s in CONNECT_STEPS],
+    "AsyncConnectionPool._wait_slot: ticket.wait": [
         "queue",
         "null-queue",
         "test_cancel_after_the_grant",
