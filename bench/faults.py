@@ -336,6 +336,8 @@ def max_connections_cells(r: Report) -> Cells:
         hangs(r),
         f"pool_size above live in {r['samples_pool_size_above_live']} of {r['samples']}"
         f" samples (max pool_size {r['max_pool_size_seen']}, max live {r['max_live_seen']});"
+        f" pool_size - pool_connecting above live in {r['samples_real_above_live']}"
+        " (upstream has no pool_connecting);"
         f' `wait()` names "too many clients": {yes(r["wait_says_too_many"])}'
         f' ("{wait[:80]}")',
     )
