@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from psycopg import AsyncConnection, Connection
 
-from ._core.state import Ticket
+from ._core.state import T_NEW, Ticket
 
 logger = logging.getLogger("psycopg.pool")
 
@@ -74,7 +74,10 @@ class AsyncWaiter(Ticket):
     __slots__ = ("fut",)
 
     def __init__(self) -> None:
-        super().__init__()
+        # Ticket.__init__ inlined: one of these is made per queued request.
+        self.slot = None
+        self.error = None
+        self.tstate = T_NEW
         self.fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
     def wake(self) -> None:

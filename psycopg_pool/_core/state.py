@@ -319,7 +319,7 @@ class PoolCore:
         if not can_wait:
             self._fill(now)
             return NO_WAIT
-        if self._failing_for_good(now):
+        if self.fatal and self._failing_for_good(now):
             ticket.tstate = T_FAILED
             ticket.error = Failure(F_CONNECT, self.last_error)
             return FAILING
@@ -345,7 +345,9 @@ class PoolCore:
                 b.retry_at = retry
                 if retry < self.sleep_until:
                     self.out.append(Rearm())
-        self._fill(now)
+        n_live = len(self.live) - self.n_old_epoch
+        if self.want_probe or not self.max_size or n_live < self.max_size:
+            self._fill(now)  # (at max_size, with no probe due, it would start nothing)
         return QUEUED
 
     def accept(self, ticket: Ticket, now: float, wait_ms: int) -> Slot | None:
