@@ -402,19 +402,18 @@ class PoolCore:
             self.n_checking -= 1
         if slot.lent_at:
             self._usage(slot, now)
-        if (
-            slot.generation == self.generation
-            and slot.expire_at > now
-            and not (self.waiting or self.null)
-        ):
-            # The common case, inlined: back to the idle deque. (A slot of the current
-            # generation implies an open pool: close() starts a new generation.)
-            slot.state = IDLE
-            slot.idle_since = now
-            self.idle.append(slot)
-            if slot.expire_at < self.sleep_until or self.ready_waiters:
-                self._after_idle(slot)
-            return None
+        if slot.generation == self.generation and slot.expire_at > now:
+            # The common cases, inlined. (A slot of the current generation implies an
+            # open pool: close() starts a new generation.)
+            if self.waiting:
+                return self._grant(slot, now)  # under load: every return
+            if not self.null:
+                slot.state = IDLE
+                slot.idle_since = now
+                self.idle.append(slot)
+                if slot.expire_at < self.sleep_until or self.ready_waiters:
+                    self._after_idle(slot)
+                return None
         return self._recycle(slot, now)
 
     def _recycle(self, slot: Slot, now: float) -> Ticket | None:
@@ -779,17 +778,8 @@ class PoolCore:
 
     def _place(self, slot: Slot, now: float) -> Ticket | None:
         """Hand a healthy connection to the oldest waiter, or make it idle."""
-        waiting = self.waiting
-        if waiting:
-            t = next(iter(waiting))
-            del waiting[t]
-            slot.idle_since = now  # fresh from use: no need to look at it again
-            slot.state = GRANTED
-            slot.ticket = t
-            self.n_busy += 1
-            t.slot = slot
-            t.tstate = T_GRANTED
-            return t
+        if self.waiting:
+            return self._grant(slot, now)
         if self.null:
             self._close(slot)
             return None
@@ -798,6 +788,19 @@ class PoolCore:
         self.idle.append(slot)
         self._after_idle(slot)
         return None
+
+    def _grant(self, slot: Slot, now: float) -> Ticket:
+        """Give a healthy connection to the oldest waiter; return its ticket to wake."""
+        waiting = self.waiting
+        t = next(iter(waiting))
+        del waiting[t]
+        slot.idle_since = now  # fresh from use: no need to look at it again
+        slot.state = GRANTED
+        slot.ticket = t
+        self.n_busy += 1
+        t.slot = slot
+        t.tstate = T_GRANTED
+        return t
 
     def _after_idle(self, slot: Slot) -> None:
         """A slot just went idle: maybe wake the housekeeper or `wait()` callers."""
