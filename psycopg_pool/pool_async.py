@@ -391,6 +391,11 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         lock.acquire()
         try:
             slot = core.take(now)
+            if slot is None:
+                # Under load, the usual case: queue in the same lock round.
+                limit = self.timeout if timeout is None else timeout
+                ticket = AsyncWaiter()
+                res = core.request(ticket, now, limit > 0)
             # Take the outbox only if it has something: an empty one stays the core's,
             # and must not be looked at once the lock is released (another thread
             # may be filling it by then, and would execute the same commands).
@@ -403,7 +408,13 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             lock.release()
         if cmds:
             self._execute(cmds)
-        if slot is None or self._slow_lend or now - slot.idle_since > self._alive_after:
+        if slot is None:
+            if logger.isEnabledFor(_INFO):
+                logger.info("connection requested from %r", self.name)
+            slot = await self._wait_ticket(ticket, res, now, limit, None)
+            if self._slow_lend or slot.taken_at - slot.idle_since > self._alive_after:
+                return await self._getconn_slow(slot, now, limit)
+        elif self._slow_lend or now - slot.idle_since > self._alive_after:
             return await self._getconn_slow(slot, now, timeout)
         conn: ACT = slot.conn
         # While lent, the client holds the only strong reference (see _adopt()).
@@ -427,13 +438,14 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
     async def _getconn_slow(self, slot: Slot | None, t0: float, timeout: float | None) -> ACT:
         if timeout is None:
             timeout = self.timeout
-        logger.info("connection requested from %r", self.name)
+        if slot is not None:
+            logger.info("connection requested from %r", self.name)
         deadline = t0 + timeout
         failures = 0
         check_error: Exception | None = None
         while True:
             if slot is None:
-                slot = await self._wait_slot(t0, deadline, timeout, check_error)
+                slot = await self._wait_slot(t0, timeout, check_error)
             conn = self._lend(slot)
             if self._check is None and slot.taken_at - slot.idle_since <= self._alive_after:
                 # Nothing to check (the common case after a wait): skip the call.
@@ -504,18 +516,28 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             ex.__cause__ = cause
         return ex
 
-    async def _wait_slot(
-        self, t0: float, deadline: float, timeout: float, check_error: Exception | None
-    ) -> Slot:
-        """The slow path of getconn: queue, or connect inline (null pools)."""
-        core = self._core
+    async def _wait_slot(self, t0: float, timeout: float, check_error: Exception | None) -> Slot:
+        """Ask again after a failed check: queue, or connect inline (null pools)."""
         ticket = AsyncWaiter()
         with self._lock:
-            res = core.request(ticket, monotonic(), deadline > t0)
+            res = self._core.request(ticket, monotonic(), timeout > 0)
             cmds = self._swap_out()
         self._execute(cmds)
+        return await self._wait_ticket(ticket, res, t0, timeout, check_error)
+
+    async def _wait_ticket(
+        self,
+        ticket: AsyncWaiter,
+        res: int,
+        t0: float,
+        timeout: float,
+        check_error: Exception | None,
+    ) -> Slot:
+        """Wait for the outcome of a request that take() could not serve."""
+        deadline = t0 + timeout
         if res != core_state.QUEUED:
             return await self._not_queued(res, ticket, deadline, timeout, check_error)
+        core = self._core
         # Queued: the common case under load, kept in this one frame.
         try:
             woken = await ticket.wait(deadline - monotonic(), self._deadlines)

@@ -586,8 +586,11 @@ COVERED: dict[str, list[str]] = {
     "AsyncConnectionPool.wait: ticket.wait": ["wait", "open-wait"],
     "AsyncConnectionPool.wait: self.close": ["wait", "open-wait"],
     "AsyncConnectionPool.wait: self.close#2": ["wait", "open-wait"],
-    "AsyncConnectionPool.getconn: self._getconn_slow": ["queue", "check"],
-    "AsyncConnectionPool._getconn_slow: self._wait_slot": ["queue", "queue-check"],
+    "AsyncConnectionPool.getconn: self._wait_ticket": ["queue", "queue-context"],
+    "AsyncConnectionPool.getconn: self._getconn_slow": ["queue-check"],
+    "AsyncConnectionPool.getconn: self._getconn_slow#2": ["check"],
+    "AsyncConnectionPool._getconn_slow: self._wait_slot": ["queue-check"],
+    "AsyncConnectionPool._wait_slot: self._wait_ticket": ["queue-check"],
     "AsyncConnectionPool._getconn_slow: self._check_before_lending": ["check", "alive-check"],
     "AsyncConnectionPool._check_before_lending: check": [
         "check",
@@ -595,9 +598,9 @@ COVERED: dict[str, list[str]] = {
         "test_check_turning_cancellation_into_an_error",
     ],
     "AsyncConnectionPool._getconn_slow: asleep": ["check-sleep"],
-    "AsyncConnectionPool._wait_slot: self._not_queued": [f"inline-{s}" for s in CONNECT_STEPS],
+    "AsyncConnectionPool._wait_ticket: self._not_queued": [f"inline-{s}" for s in CONNECT_STEPS],
     "AsyncConnectionPool._not_queued: self._connect_inline": [f"inline-{s}" for s in CONNECT_STEPS],
-    "AsyncConnectionPool._wait_slot: ticket.wait": [
+    "AsyncConnectionPool._wait_ticket: ticket.wait": [
         "queue",
         "null-queue",
         "test_cancel_after_the_grant",
