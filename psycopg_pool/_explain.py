@@ -78,7 +78,7 @@ def reason(core: PoolCore, now: float, check_error: BaseException | None) -> str
         # Who holds them is found later, outside the pool's lock (see fill_holders()).
         return (
             f"the pool is exhausted: {len(busy)} of {core.max_size} connections in use,"
-            f" {len(core.waiting)} other clients waiting; held longest by {HOLDERS}"
+            f" {core.n_waiting} other clients waiting; held longest by {HOLDERS}"
         )
     if core.n_connecting or core.n_abandoned:
         hung = (
@@ -102,7 +102,7 @@ def state_line(name: str, core: PoolCore) -> str:
     return (
         f"[pool {name!r}: size {len(core.live)}/{core.max_size or 'unlimited'},"
         f" idle {counts[1]}, in use {counts[3] + counts[2]}, connecting {counts[0]},"
-        f" checking {counts[4]}, waiting {len(core.waiting)}]"
+        f" checking {counts[4]}, waiting {core.n_waiting}]"
     )
 
 

@@ -577,7 +577,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             return self._connect_inline(ticket, deadline)
         if res == core_state.TOO_MANY:
             raise TooManyRequests(
-                f"the pool {self.name!r} has already {len(self._core.waiting)} requests waiting"
+                f"the pool {self.name!r} has already {self._core.n_waiting} requests waiting"
             )
         if res == core_state.NO_WAIT:
             raise self._timeout_error(timeout, check_error)
@@ -675,7 +675,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             self._discard(slot, "returns_bad")
             self._sweep_idle(conn)
             return
-        if self._null and not self._core.waiting:
+        if self._null and not self._core.n_waiting:
             # Nobody will reuse it: no point in rolling back a connection about to close.
             self._discard(slot, None)
             return

@@ -36,7 +36,7 @@ def snapshot(core: PoolCore, reset: bool = False) -> dict[str, int]:
         "pool_max": core.max_size,
         "pool_size": core.pool_size(),
         "pool_available": len(core.idle),
-        "requests_waiting": len(core.waiting),
+        "requests_waiting": core.n_waiting,
         "pool_connecting": core.n_connecting + core.n_inline,
     }
     touched = core.touched

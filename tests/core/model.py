@@ -85,7 +85,7 @@ class Harness:
                 # the pool may be above it for a while: it shrinks lazily.)
                 core = self.core
                 # More attempts than num_workers only when clients wait (the others hang).
-                assert core.n_connecting <= core.num_workers or core.waiting
+                assert core.n_connecting <= core.num_workers or core.n_waiting
                 if core.max_size and not cmd.slot.probe:
                     assert len(core.live) - core.n_old_epoch <= core.max_size, "bounds"
                 self.connecting.append(cmd.slot)
@@ -318,8 +318,9 @@ class Harness:
         assert core.n_busy == by_state[st.GRANTED] + by_state[st.IN_USE]
         assert core.n_checking == by_state[st.CHECKING]
         assert core.n_old_epoch == sum(1 for s in core.live if s.epoch != core.epoch)
-        assert not (core.idle and core.waiting), "an idle connection while a client waits"
-        assert list(core.waiting) == self.waiting, "queue order"
+        assert not (core.idle and core.n_waiting), "an idle connection while a client waits"
+        assert core.waiting() == self.waiting, "queue order"
+        assert core.n_waiting == len(self.waiting), "n_waiting"
         for s in core.idle:
             assert s.generation == core.generation
         # Liveness: with demand and no attempt running, the housekeeper wakes up for the

@@ -123,7 +123,7 @@ class PoolMachine(RuleBasedStateMachine):
             quiet = not (core.n_busy or core.n_checking or core.idle)
             if how == "fatal" and quiet and not slot.inline and core.status == st.OPEN:
                 # Fail fast: nobody is left waiting for a connection that cannot come.
-                assert not core.waiting and not self.h.ready_waiting
+                assert not core.n_waiting and not self.h.ready_waiting
 
     # -- time and administration
 

@@ -77,6 +77,24 @@ def test_a_withdrawn_waiter_leaves_the_queue_at_once() -> None:
     h.check()
 
 
+def test_withdrawn_tickets_do_not_pile_up_while_no_connection_comes_back() -> None:
+    # Say every connection leaked and clients keep timing out: the queue must not
+    # grow with their dead tickets, and the live ones keep their order.
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    keep = [h.getconn()[1] for _ in range(3)]
+    for _ in range(1000):
+        _, t = h.getconn()
+        assert t
+        h.withdraw(t)
+        h.check()
+    assert len(h.core.queue) <= 2 * 3 + 64
+    assert h.core.waiting() == keep
+    h.putconn(h.held[0])
+    assert h.granted == [keep[0]]
+    h.check()
+
+
 def test_a_grant_to_a_withdrawn_ticket_passes_to_the_next_one() -> None:
     h = filled(1, min_size=1, max_size=1)
     h.getconn()
@@ -108,7 +126,7 @@ def test_no_wait_request_gets_an_idle_connection_or_nothing() -> None:
     assert h.getconn(can_wait=False)[0] == st.GOT
     res, _ = h.getconn(can_wait=False)
     assert res == st.NO_WAIT
-    assert h.core.waiting == {}
+    assert h.core.waiting() == [] and h.core.n_waiting == 0
     h.check()
 
 
@@ -324,6 +342,20 @@ def test_null_preset_connects_inline_and_closes_returns() -> None:
     h.putconn(h.held[0])
     assert len(h.closed) == 1  # nobody waits: closed
     assert snapshot(h.core)["pool_available"] == 0
+    h.check()
+
+
+def test_a_failed_inline_attempt_makes_room_for_the_client_queued_behind_it() -> None:
+    h = Harness.make(min_size=0, max_size=1, null=True)
+    h.open()
+    res, t = h.getconn()
+    assert res == st.INLINE and t and t.slot
+    assert h.getconn()[0] == st.QUEUED  # at max_size: waits behind the inline attempt
+    h.connect_fail(t.slot)
+    assert h.core.n_inline == 0
+    assert len(h.connecting) == 1  # an attempt for the queued client
+    h.connect_ok(h.connecting[0])
+    assert len(h.granted) == 1
     h.check()
 
 

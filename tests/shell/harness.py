@@ -86,7 +86,7 @@ def problems(pool: Any, fakes: Fakes, ledger: Ledger, *, settled: bool = True) -
         live = list(core.live)
         counts = core.counts()
         n_idle = len(core.idle)
-        n_waiting = len(core.waiting)
+        n_waiting = core.n_waiting
         books = (core.n_busy, core.n_checking, core.n_connecting + core.n_inline)
         is_open = core.status == st.OPEN
     stats = pool.get_stats()

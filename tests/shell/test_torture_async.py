@@ -88,7 +88,7 @@ async def _queued(ctx: ACtx, how: str, **kwargs: Any) -> tuple[Actor, Gate | Non
     await ctx.holder()
     gate = wait_gate(ctx, how)
     victim = ctx.client("victim", timeout=victim_timeout(how), **kwargs)
-    await until(lambda: ctx.pool._core.waiting or victim.done.is_set(), "the victim to queue")
+    await until(lambda: ctx.pool._core.n_waiting or victim.done.is_set(), "the victim to queue")
     return victim, gate
 
 
@@ -459,7 +459,7 @@ async def test_cancel_after_the_grant() -> None:
         held = await ctx.take()
         victim = ctx.client("victim")
         other = ctx.client("other")
-        await until(lambda: len(ctx.pool._core.waiting) == 2, "two clients to queue")
+        await until(lambda: ctx.pool._core.n_waiting == 2, "two clients to queue")
         await ctx.give_back(held)  # granted to the victim, which has not run yet
         victim.cancel()
         assert await victim.finished() == CANCELLED
@@ -473,8 +473,8 @@ async def test_pool_timeout_fires_as_the_grant_arrives() -> None:
     async with scenario(max_size=1) as ctx:
         held = await ctx.take()
         victim = ctx.client("victim")
-        await until(lambda: ctx.pool._core.waiting, "the victim to queue")
-        (ticket,) = ctx.pool._core.waiting
+        await until(lambda: ctx.pool._core.n_waiting, "the victim to queue")
+        (ticket,) = ctx.pool._core.waiting()
         ticket.fut.set_result(False)  # what its timer does
         await ctx.give_back(held)
         assert await victim.finished() == POOL_TIMEOUT
@@ -487,7 +487,7 @@ async def test_close_after_the_grant() -> None:
     async with scenario(max_size=1) as ctx:
         held = await ctx.take()
         victim = ctx.client("victim")
-        await until(lambda: ctx.pool._core.waiting, "the victim to queue")
+        await until(lambda: ctx.pool._core.n_waiting, "the victim to queue")
         await ctx.give_back(held)
         await ctx.pool.close()  # its first step runs before the victim resumes
         assert await victim.finished() == CLOSED
@@ -550,7 +550,7 @@ async def test_close_while_clients_wait_connect_check_and_return() -> None:
         connector = ctx.client("connector")  # the pool grows for it
         await reached(connecting.reached, "the connection attempt")
         waiters = [ctx.client(f"waiter-{i}") for i in range(3)]
-        await until(lambda: len(ctx.pool._core.waiting) >= 3, "the waiters to queue")
+        await until(lambda: ctx.pool._core.n_waiting >= 3, "the waiters to queue")
         resetting = fakes.block("reset")
         holder.go.set()  # returns, reset in the background
         await reached(resetting.reached, "the reset")
@@ -693,7 +693,7 @@ async def test_null_pool_waiter_after_a_failed_inline_attempt(how: str) -> None:
         first = ctx.client("first")
         await reached(gate.reached, "the inline attempt")
         second = ctx.client("second", timeout=1.0)
-        await until(lambda: ctx.pool._core.waiting, "the second client to queue")
+        await until(lambda: ctx.pool._core.n_waiting, "the second client to queue")
         if how == "cancel":
             first.cancel()
         else:

@@ -109,7 +109,7 @@ def _queued(ctx: TCtx, how: str, **kwargs: Any) -> Reached:
     ctx.holder()
     gate = wait_gate(ctx, how)
     victim = ctx.client("victim", timeout=victim_timeout(how), **kwargs)
-    until(lambda: ctx.pool._core.waiting or victim.done.is_set(), "the victim to queue")
+    until(lambda: ctx.pool._core.n_waiting or victim.done.is_set(), "the victim to queue")
     return victim, gate
 
 
@@ -403,7 +403,7 @@ def _granted_while_blocked(ctx: TCtx) -> tuple[Actor, Gate]:
     victim = ctx.client("victim")
     reached(gate.reached, "the victim to wait")
     ctx.give_back(held)
-    until(lambda: not ctx.pool._core.waiting, "the grant")
+    until(lambda: not ctx.pool._core.n_waiting, "the grant")
     return victim, gate
 
 
@@ -459,7 +459,7 @@ def test_close_while_clients_wait_connect_check_and_return() -> None:
         connector = ctx.client("connector")
         reached(connecting.reached, "the connection attempt")
         waiters = [ctx.client(f"waiter-{i}") for i in range(3)]
-        until(lambda: len(ctx.pool._core.waiting) >= 3, "the waiters to queue")
+        until(lambda: ctx.pool._core.n_waiting >= 3, "the waiters to queue")
         resetting = fakes.block("reset")
         holder.go.set()
         reached(resetting.reached, "the reset")
@@ -514,7 +514,7 @@ def test_null_pool_waiter_after_a_failed_inline_attempt(how: str) -> None:
         first = ctx.client("first")
         reached(gate.reached, "the inline attempt")
         second = ctx.client("second", timeout=1.0)
-        until(lambda: ctx.pool._core.waiting, "the second client to queue")
+        until(lambda: ctx.pool._core.n_waiting, "the second client to queue")
         exc = Interrupt() if how == "interrupt" else OperationalError("connection refused")
         gate.open(raising=exc)
         assert first.finished() in ("Interrupt", "OperationalError")

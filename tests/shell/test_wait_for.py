@@ -59,7 +59,7 @@ async def one_round(ctx: ACtx, rng: random.Random, cancel: bool) -> str:
         await ctx.give_back(conn)
         outcome = "conn"
     # Whatever the outcome, the connection is back and idle: nothing stranded.
-    await until(lambda: len(pool._core.idle) == 1 and not pool._core.waiting, "the connection")
+    await until(lambda: len(pool._core.idle) == 1 and not pool._core.n_waiting, "the connection")
     TALLY["interruptions"] += 1
     return outcome
 
