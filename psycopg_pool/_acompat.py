@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from queue import Empty, SimpleQueue
 from typing import Any, ClassVar
 
@@ -84,20 +84,32 @@ class AsyncWaiter(Ticket):
         if not self.fut.done():
             self.fut.set_result(True)
 
-    async def wait(self, timeout: float, deadlines: AsyncDeadlines | None = None) -> bool:
-        """True if woken, False if `timeout` passed first; cancellation propagates."""
+    def wait(self, timeout: float, deadlines: AsyncDeadlines | None = None) -> Awaitable[bool]:
+        """Awaits True if woken, False if `timeout` passed first; cancellation propagates.
+
+        Not a coroutine: in the usual case the caller awaits the future itself,
+        which saves a coroutine frame per hand-off.
+        """
         fut = self.fut
         if fut.done():
-            return fut.result()
+            return fut
         if timeout <= 0:
-            return False
+            return _false()
         if deadlines is not None and deadlines.add(fut, time.monotonic() + timeout):
-            return await fut
-        handle = fut.get_loop().call_later(timeout, _expire, fut)
-        try:
-            return await fut
-        finally:
-            handle.cancel()
+            return fut
+        return _wait_own_timer(fut, timeout)
+
+
+async def _false() -> bool:
+    return False
+
+
+async def _wait_own_timer(fut: asyncio.Future[bool], timeout: float) -> bool:
+    handle = fut.get_loop().call_later(timeout, _expire, fut)
+    try:
+        return await fut
+    finally:
+        handle.cancel()
 
 
 class AsyncDeadlines:

@@ -621,16 +621,23 @@ class ConnectionPool(PoolMixin, Generic[CT]):
 
     def putconn(self, conn: CT) -> None:
         """Give back a connection obtained with `getconn()`."""
-        pool = getattr(conn, "_pool", None)
-        if pool is not self:
-            return self._foreign(conn, pool)
-        slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
-        slot.conn = conn
-        conn._pool = None
-        if logger.isEnabledFor(_INFO):
-            logger.info("returning connection to %r", self.name)
+        if not self._put_back(conn):
+            self._putconn_slow(conn)
+
+    def _put_back(self, conn: CT) -> bool:
+        """putconn() for the usual case, never awaiting: False if I/O is needed.
+
+        A plain function, so that `connection()` gives back without a coroutine.
+        """
+        if getattr(conn, "_pool", None) is not self:
+            return False
         status = conn.pgconn.transaction_status
         if status == _IDLE and self._reset is None:
+            slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+            slot.conn = conn
+            conn._pool = None
+            if logger.isEnabledFor(_INFO):
+                logger.info("returning connection to %r", self.name)
             core = self._core
             lock = self._lock
             lock.acquire()
@@ -647,8 +654,8 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 ticket.wake()
             if cmds:
                 self._execute(cmds)
-            return
-        self._putconn_slow(slot, conn, status)
+            return True
+        return False
 
     def _foreign(self, conn: Any, pool: Any) -> None:
         if pool is _FORKED:
@@ -666,7 +673,16 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             f" {pool.name!r}: {conn}"
         )
 
-    def _putconn_slow(self, slot: Slot, conn: CT, status: int) -> None:
+    def _putconn_slow(self, conn: CT) -> None:
+        pool = getattr(conn, "_pool", None)
+        if pool is not self:
+            return self._foreign(conn, pool)
+        slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+        slot.conn = conn
+        conn._pool = None
+        if logger.isEnabledFor(_INFO):
+            logger.info("returning connection to %r", self.name)
+        status = conn.pgconn.transaction_status
         if self._core.status != core_state.OPEN:
             self._discard(slot, None)  # closing it is all there is left to do
             return
@@ -1046,7 +1062,8 @@ class _ConnectionContext(Generic[CT]):
             if conn.pgconn.transaction_status != _IDLE:
                 conn.__exit__(exc_type, exc_val, exc_tb)
         finally:
-            pool.putconn(conn)
+            if not pool._put_back(conn):
+                pool._putconn_slow(conn)
 
 
 def _housekeeper(wref: weakref.ref[ConnectionPool[Any]], wakeup: Wakeup) -> None:

@@ -619,16 +619,23 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
 
     async def putconn(self, conn: ACT) -> None:
         """Give back a connection obtained with `getconn()`."""
-        pool = getattr(conn, "_pool", None)
-        if pool is not self:
-            return self._foreign(conn, pool)
-        slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
-        slot.conn = conn
-        conn._pool = None
-        if logger.isEnabledFor(_INFO):
-            logger.info("returning connection to %r", self.name)
+        if not self._put_back(conn):
+            await self._putconn_slow(conn)
+
+    def _put_back(self, conn: ACT) -> bool:
+        """putconn() for the usual case, never awaiting: False if I/O is needed.
+
+        A plain function, so that `connection()` gives back without a coroutine.
+        """
+        if getattr(conn, "_pool", None) is not self:
+            return False
         status = conn.pgconn.transaction_status
         if status == _IDLE and self._reset is None:
+            slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+            slot.conn = conn
+            conn._pool = None
+            if logger.isEnabledFor(_INFO):
+                logger.info("returning connection to %r", self.name)
             core = self._core
             lock = self._lock
             lock.acquire()
@@ -645,8 +652,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 ticket.wake()
             if cmds:
                 self._execute(cmds)
-            return
-        await self._putconn_slow(slot, conn, status)
+            return True
+        return False
 
     def _foreign(self, conn: Any, pool: Any) -> None:
         if pool is _FORKED:
@@ -664,7 +671,16 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             f" {pool.name!r}: {conn}"
         )
 
-    async def _putconn_slow(self, slot: Slot, conn: ACT, status: int) -> None:
+    async def _putconn_slow(self, conn: ACT) -> None:
+        pool = getattr(conn, "_pool", None)
+        if pool is not self:
+            return self._foreign(conn, pool)
+        slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+        slot.conn = conn
+        conn._pool = None
+        if logger.isEnabledFor(_INFO):
+            logger.info("returning connection to %r", self.name)
+        status = conn.pgconn.transaction_status
         if self._core.status != core_state.OPEN:
             self._discard(slot, None)  # closing it is all there is left to do
             return
@@ -1044,7 +1060,8 @@ class _AsyncConnectionContext(Generic[ACT]):
             if conn.pgconn.transaction_status != _IDLE:
                 await conn.__aexit__(exc_type, exc_val, exc_tb)
         finally:
-            await pool.putconn(conn)
+            if not pool._put_back(conn):
+                await pool._putconn_slow(conn)
 
 
 async def _housekeeper(wref: weakref.ref[AsyncConnectionPool[Any]], wakeup: AsyncWakeup) -> None:

@@ -622,7 +622,7 @@ COVERED: dict[str, list[str]] = {
     "AsyncConnectionPool._connect_job: attempt.run": [f"bg-{s}" for s in CONNECT_STEPS],
     "_AsyncConnectionContext.__aenter__: self._pool.getconn": ["queue-context"],
     "_AsyncConnectionContext.__aexit__: conn.__aexit__": ["exit-commit", "exit-rollback"],
-    "_AsyncConnectionContext.__aexit__: pool.putconn": [
+    "_AsyncConnectionContext.__aexit__: pool._putconn_slow": [
         "exit-commit",
         "test_cancelled_twice_while_ending_the_transaction",
     ],
