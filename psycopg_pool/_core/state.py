@@ -742,9 +742,11 @@ class PoolCore:
         self._fill(now)
 
     def _report_leaks(self, now: float) -> None:
-        limit = now - self.leak_timeout
+        # `taken_at + leak_timeout`, not `now - leak_timeout`: the very sum that
+        # next_deadline() returns, or rounding could leave a deadline due but not done.
+        timeout = self.leak_timeout
         for s in self.live:
-            if s.state == IN_USE and s.taken_at <= limit and s.leak_reported != s.taken_at:
+            if s.state == IN_USE and s.taken_at + timeout <= now and s.leak_reported != s.taken_at:
                 s.leak_reported = s.taken_at
                 self.out.append(LeakSuspected(s))
 
@@ -880,9 +882,9 @@ class PoolCore:
         `num_workers` are abandoned at a time: each may hold a thread until its
         connect timeout.
         """
-        limit = now - STUCK_AFTER
+        # The same sum as _stuck_at(): see _report_leaks().
         for slot in sorted(
-            (s for s in self.live if self._abandonable(s) and s.started_at <= limit),
+            (s for s in self.live if self._abandonable(s) and s.started_at + STUCK_AFTER <= now),
             key=lambda s: (s.started_at, s.id),
         ):
             if self.n_abandoned >= self.num_workers:

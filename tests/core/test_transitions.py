@@ -714,6 +714,31 @@ def _attempts(h: Harness) -> list[Slot]:
     return [s for s in h.connecting if not s.abandoned]
 
 
+@pytest.mark.parametrize("what", ["hung attempt", "leak"])
+def test_a_deadline_reached_is_acted_on_despite_rounding(what: str) -> None:
+    # With these times `now - 2.0 < start` but `start + 2.0 == now`: the deadline
+    # next_deadline() gives must be the one tick() acts on, or the housekeeper spins.
+    h = Harness.make(min_size=0, max_size=1, num_workers=2)
+    h.open()
+    h.tick(30.05)
+    if what == "leak":
+        h.core.leak_timeout = st.STUCK_AFTER
+        h.getconn()
+        h.connect_ok(h.connecting[0])
+        h.accept(h.granted[0])
+    else:
+        h.getconn()
+    for dt in (0.5, 0.5, 1.0):
+        h.tick(dt)
+    assert h.now - st.STUCK_AFTER < 30.05 <= h.now - 1.9  # the rounding in question
+    assert h.core.next_deadline() > h.now
+    if what == "leak":
+        assert len(h.leaks) == 1
+    else:
+        assert h.core.n_abandoned == 1
+    h.check()
+
+
 def test_attempts_hanging_on_a_silent_network_are_abandoned_for_new_ones() -> None:
     # At max_size, with every attempt hanging: the waiting client is not held up
     # until they time out.
