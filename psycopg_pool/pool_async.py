@@ -623,19 +623,20 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             await self._putconn_slow(conn)
 
     def _put_back(self, conn: ACT) -> bool:
-        """putconn() for the usual case, never awaiting: False if I/O is needed.
+        """putconn() up to the first I/O: False if `_putconn_slow()` must follow.
 
         A plain function, so that `connection()` gives back without a coroutine.
         """
-        if getattr(conn, "_pool", None) is not self:
-            return False
-        status = conn.pgconn.transaction_status
-        if status == _IDLE and self._reset is None:
-            slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
-            slot.conn = conn
-            conn._pool = None
-            if logger.isEnabledFor(_INFO):
-                logger.info("returning connection to %r", self.name)
+        pool = getattr(conn, "_pool", None)
+        if pool is not self:
+            self._foreign(conn, pool)
+            return True
+        slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+        slot.conn = conn
+        conn._pool = None
+        if logger.isEnabledFor(_INFO):
+            logger.info("returning connection to %r", self.name)
+        if conn.pgconn.transaction_status == _IDLE and self._reset is None:
             core = self._core
             lock = self._lock
             lock.acquire()
@@ -672,14 +673,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         )
 
     async def _putconn_slow(self, conn: ACT) -> None:
-        pool = getattr(conn, "_pool", None)
-        if pool is not self:
-            return self._foreign(conn, pool)
+        """The rest of putconn() for a connection that needs I/O (or closing)."""
         slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
-        slot.conn = conn
-        conn._pool = None
-        if logger.isEnabledFor(_INFO):
-            logger.info("returning connection to %r", self.name)
         status = conn.pgconn.transaction_status
         if self._core.status != core_state.OPEN:
             self._discard(slot, None)  # closing it is all there is left to do
