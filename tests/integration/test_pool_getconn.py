@@ -573,3 +573,24 @@ def test_requested_and_given_logs(dsn: str, caplog: pytest.LogCaptureFixture) ->
     assert sum("connection given" in m for m in infos) == 2
     assert any("returning connection" in m for m in infos)
     assert any("adding new connection" in m for m in infos)
+
+
+def test_log_level_changes_reach_the_hot_path(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    # The hot path reads logging's own cache of level answers: a level set after
+    # the pool has answered before must be seen at the next call, both ways.
+    pool_logger = logging.getLogger("psycopg.pool")
+    caplog.set_level(logging.INFO, logger="psycopg.pool")  # restored afterwards
+    pool_logger.setLevel(logging.WARNING)
+    with ConnectionPool(dsn, min_size=1, open=False, name="levels") as pool:
+        pool.wait(5)
+        pool.putconn(pool.getconn())  # caches "INFO is off"
+        assert not any("connection given" in m for m in log_messages(caplog, logging.INFO))
+        pool_logger.setLevel(logging.INFO)
+        pool.putconn(pool.getconn())
+        infos = log_messages(caplog, logging.INFO)
+        assert sum("connection given" in m for m in infos) == 1
+        assert sum("returning connection" in m for m in infos) == 1
+        pool_logger.setLevel(logging.WARNING)
+        pool.putconn(pool.getconn())
+        infos = log_messages(caplog, logging.INFO)
+        assert sum("connection given" in m for m in infos) == 1
