@@ -84,19 +84,21 @@ class AsyncWaiter(Ticket):
         if not self.fut.done():
             self.fut.set_result(True)
 
-    def wait(self, timeout: float, deadlines: AsyncDeadlines | None = None) -> Awaitable[bool]:
-        """Awaits True if woken, False if `timeout` passed first; cancellation propagates.
+    def wait(self, deadline: float, deadlines: AsyncDeadlines | None = None) -> Awaitable[bool]:
+        """Awaits True if woken, False at `deadline` (monotonic); cancellation propagates.
 
         Not a coroutine: in the usual case the caller awaits the future itself,
-        which saves a coroutine frame per hand-off.
+        which saves a coroutine frame per hand-off. A shared timer takes the
+        deadline as it is, with no clock read (one already past fires at once).
         """
         fut = self.fut
         if fut.done():
             return fut
+        if deadlines is not None and deadlines.add(fut, deadline):
+            return fut
+        timeout = deadline - time.monotonic()
         if timeout <= 0:
             return _false()
-        if deadlines is not None and deadlines.add(fut, time.monotonic() + timeout):
-            return fut
         return _wait_own_timer(fut, timeout)
 
 
@@ -186,7 +188,8 @@ class Waiter(Ticket):
         except RuntimeError:  # already released: the core wakes a ticket once
             pass
 
-    def wait(self, timeout: float, deadlines: Deadlines | None = None) -> bool:
+    def wait(self, deadline: float, deadlines: Deadlines | None = None) -> bool:
+        timeout = deadline - time.monotonic()
         if timeout <= 0:
             return self.lock.acquire(blocking=False)
         return self.lock.acquire(timeout=timeout)

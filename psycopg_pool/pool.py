@@ -348,7 +348,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             woken = False
             if ticket.tstate != core_state.T_FAILED:  # else it failed already: no waiting
                 try:
-                    woken = ticket.wait(timeout)
+                    woken = ticket.wait(monotonic() + timeout)
                 finally:
                     with self._lock:
                         self._core.withdraw_ready(ticket)
@@ -532,7 +532,9 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         """Ask again after a failed check: queue, or connect inline (null pools)."""
         ticket = Waiter()
         with self._lock:
-            res = self._core.request(ticket, monotonic(), timeout > 0)
+            now = monotonic()
+            # Past the deadline (checks took the time): an idle connection or nothing.
+            res = self._core.request(ticket, now, t0 + timeout > now)
             cmds = self._swap_out()
         self._execute(cmds)
         return self._wait_ticket(ticket, res, t0, timeout, check_error)
@@ -552,7 +554,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         core = self._core
         # Queued: the common case under load, kept in this one frame.
         try:
-            woken = ticket.wait(deadline - monotonic(), self._deadlines)
+            woken = ticket.wait(deadline, self._deadlines)
             if woken:
                 now = monotonic()
                 with self._lock:

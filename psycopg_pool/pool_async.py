@@ -346,7 +346,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             woken = False
             if ticket.tstate != core_state.T_FAILED:  # else it failed already: no waiting
                 try:
-                    woken = await ticket.wait(timeout)
+                    woken = await ticket.wait(monotonic() + timeout)
                 finally:
                     with self._lock:
                         self._core.withdraw_ready(ticket)
@@ -530,7 +530,9 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         """Ask again after a failed check: queue, or connect inline (null pools)."""
         ticket = AsyncWaiter()
         with self._lock:
-            res = self._core.request(ticket, monotonic(), timeout > 0)
+            now = monotonic()
+            # Past the deadline (checks took the time): an idle connection or nothing.
+            res = self._core.request(ticket, now, t0 + timeout > now)
             cmds = self._swap_out()
         self._execute(cmds)
         return await self._wait_ticket(ticket, res, t0, timeout, check_error)
@@ -550,7 +552,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         core = self._core
         # Queued: the common case under load, kept in this one frame.
         try:
-            woken = await ticket.wait(deadline - monotonic(), self._deadlines)
+            woken = await ticket.wait(deadline, self._deadlines)
             if woken:
                 now = monotonic()
                 with self._lock:
