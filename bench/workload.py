@@ -272,6 +272,33 @@ SyncRequest = Callable[[], tuple[float, float]]
 AsyncRequest = Callable[[], Awaitable[tuple[float, float]]]
 
 
+def _sample_cpu(window: list[float]) -> tuple[threading.Thread, list[float]]:
+    """Read the process's CPU time at each moment of `window`, from a sleeping thread.
+
+    Client CPU per request tells whether the client was CPU-bound, and what the pool
+    adds to each request where it was (the asyncio cases).
+    """
+    cpu: list[float] = []
+
+    def sample() -> None:
+        for t in window:
+            delay = t - clock()
+            if delay > 0:
+                time.sleep(delay)
+            cpu.append(time.process_time())
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    return th, cpu
+
+
+def _with_cpu(m: Metrics, sampler: threading.Thread, cpu: list[float]) -> Metrics:
+    sampler.join(timeout=5)
+    if len(cpu) == 2 and m["ops"]:
+        m["cpu_us_per_op"] = (cpu[1] - cpu[0]) / m["ops"] * 1e6
+    return m
+
+
 def run_threads(requests: list[SyncRequest], warmup: float, duration: float) -> Metrics:
     """One thread per request function, all released at once, for warmup + duration."""
     n = len(requests)
@@ -303,6 +330,7 @@ def run_threads(requests: list[SyncRequest], warmup: float, duration: float) -> 
         t.start()
     now = clock()
     window.extend([now + warmup, now + warmup + duration])
+    sampler, cpu = _sample_cpu(window)
     barrier.wait()
     for t in threads:
         t.join(timeout=warmup + duration + CHECKOUT_TIMEOUT + 30)
@@ -310,7 +338,7 @@ def run_threads(requests: list[SyncRequest], warmup: float, duration: float) -> 
         raise errors[0]
     if any(t.is_alive() for t in threads):
         raise RuntimeError("worker threads did not stop in time")
-    return latency_metrics(results, duration)
+    return _with_cpu(latency_metrics(results, duration), sampler, cpu)
 
 
 async def run_tasks(requests: list[AsyncRequest], warmup: float, duration: float) -> Metrics:
@@ -339,11 +367,12 @@ async def run_tasks(requests: list[AsyncRequest], warmup: float, duration: float
     await asyncio.sleep(0)  # let every task reach go.wait()
     now = clock()
     window.extend([now + warmup, now + warmup + duration])
+    sampler, cpu = _sample_cpu(window)
     go.set()
     await asyncio.wait_for(
         asyncio.gather(*tasks), timeout=warmup + duration + CHECKOUT_TIMEOUT + 30
     )
-    return latency_metrics(results, duration)
+    return _with_cpu(latency_metrics(results, duration), sampler, cpu)
 
 
 def _pool_request(pool: Any) -> SyncRequest:
