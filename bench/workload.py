@@ -621,8 +621,12 @@ def scenario_peer_sqlalchemy(dsn: str, p: Params) -> Metrics:
     max_size = int(p["max_size"])
     autocommit = bool(p.get("autocommit", True))
     warmup, duration = float(p.get("warmup", 0.3)), float(p.get("duration", 1.0))
+
+    def creator() -> Any:  # SQLAlchemy types it as a DBAPI connection, psycopg's is not
+        return psycopg.connect(dsn, autocommit=autocommit)
+
     qp = QueuePool(
-        lambda: psycopg.connect(dsn, autocommit=autocommit),
+        creator,
         pool_size=max_size,
         max_overflow=0,
         timeout=CHECKOUT_TIMEOUT,
