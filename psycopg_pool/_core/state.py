@@ -251,6 +251,7 @@ class PoolCore:
         self.shrink_at = INF
         self.min_idle_seen = 0
         self.sleep_until = INF  # the deadline last given to the housekeeper
+        self.ticked_at = -INF  # the time of the last tick()
         self.out: list[Command] = []
 
         # Counters, with upstream's names. `touched` remembers the ones bumped by 0,
@@ -710,6 +711,7 @@ class PoolCore:
         """Housekeeping: expiry, shrinking, retries. Call at `next_deadline()`."""
         if self.status != OPEN:
             return
+        self.ticked_at = now
         idle = self.idle
         if idle and any(s.expire_at <= now for s in idle):
             keep = []
@@ -756,9 +758,21 @@ class PoolCore:
             self.sleep_until = INF
             return INF
         d = self.shrink_at
-        for s in self.idle:
-            if s.expire_at < d:
-                d = s.expire_at
+        if not self.null:
+            # The connections out of the pool count too, unless already expired (their
+            # return will close them): one that comes back to idle then expires no
+            # sooner than the housekeeper wakes. Counting idle ones only, every return
+            # of a connection expiring before the planned wake-up had to wake it (see
+            # _after_idle()): thousands of times a second in a busy pool whose
+            # connections near the end of their lifetime.
+            seen = self.ticked_at
+            gen = self.generation
+            for s in self.live:
+                if s.expire_at < d and (
+                    s.state == IDLE
+                    or (s.state != CONNECTING and s.expire_at > seen and s.generation == gen)
+                ):
+                    d = s.expire_at
         b = self.backoff
         if b.started_at is not None and not self.n_connecting and self._need() > 0:
             d = min(d, b.retry_at)

@@ -630,17 +630,43 @@ def test_withdrawing_a_failed_or_withdrawn_ticket_only_counts() -> None:
     assert t.tstate == st.T_WITHDRAWN and h.core.requests_errors == errors + 1
 
 
-def test_returning_to_idle_after_a_housekeeper_deadline_rearms() -> None:
+def test_a_connection_out_at_the_housekeeper_deadline_counts_for_it() -> None:
     h = filled(1, min_size=1, max_size=2, max_lifetime=100.0, max_idle=1000.0)
     h.getconn()
-    h.core.next_deadline()  # computed while the only connection is out: the shrink time
+    expire_at = h.held[0].expire_at
+    # Computed while the only connection is out: its expiry, not the shrink time.
+    assert h.core.next_deadline() == expire_at < 1000.0
     rearms = h.rearms
-    h.putconn(h.held[0])  # its expiry is earlier than that: the housekeeper must know
-    assert h.rearms == rearms + 1
-    h.core.next_deadline()  # the housekeeper, woken, looks again
+    h.putconn(h.held[0])
+    assert h.rearms == rearms  # the housekeeper knows already: no wake-up
+    h.check()
+
+
+def test_returns_under_load_do_not_wake_the_housekeeper() -> None:
+    # Connections near the end of their lifetime, in a busy pool: the housekeeper
+    # plans its wake-up while they are out, and each return must not wake it again.
+    h = filled(4, min_size=4, max_size=4, max_lifetime=100.0, max_idle=1000.0)
+    h.tick(90.0)  # all four expire within the next 10 s
+    for _ in range(4):
+        h.getconn()
+    rearms = h.rearms
+    for _ in range(50):
+        h.core.next_deadline()  # the housekeeper, while every connection is out
+        slot = h.held[0]
+        h.putconn(slot)
+        h.getconn()
+    assert h.rearms == rearms
+    h.check()
+
+
+def test_a_connection_expired_while_out_does_not_make_the_housekeeper_spin() -> None:
+    h = filled(1, min_size=1, max_size=2, max_lifetime=10.0, max_idle=1000.0)
     h.getconn()
-    h.putconn(h.held[0])  # now known: no more wake-ups
-    assert h.rearms == rearms + 1
+    h.tick(11.0)  # expired while lent: its return closes it, nothing to wake up for
+    assert h.core.next_deadline() > h.now
+    h.putconn(h.held[0])
+    assert len(h.closed) == 1
+    h.check()
 
 
 def test_discard_without_a_counter_and_samples_full() -> None:
