@@ -396,6 +396,8 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         info = _LEVELS.get(_INFO)
         if info is None:
             info = logger.isEnabledFor(_INFO)
+        if info:
+            logger.info("connection requested from %r", self.name)
         now = monotonic()
         core = self._core
         # acquire/release rather than `with`: measurably cheaper on this path.
@@ -421,8 +423,6 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         if cmds:
             self._execute(cmds)
         if slot is None:
-            if info:
-                logger.info("connection requested from %r", self.name)
             slot = self._wait_ticket(ticket, res, now, limit, None)
             if self._slow_lend or slot.taken_at - slot.idle_since > self._alive_after:
                 return self._getconn_slow(slot, now, limit)
@@ -447,17 +447,14 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         conn._pool = self
         return conn
 
-    def _getconn_slow(self, slot: Slot | None, t0: float, timeout: float | None) -> CT:
+    def _getconn_slow(self, slot: Slot, t0: float, timeout: float | None) -> CT:
+        """Lend `slot` once it passes its check; on failure, ask again until the deadline."""
         if timeout is None:
             timeout = self.timeout
-        if slot is not None:
-            logger.info("connection requested from %r", self.name)
         deadline = t0 + timeout
         failures = 0
         check_error: Exception | None = None
         while True:
-            if slot is None:
-                slot = self._wait_slot(t0, timeout, check_error)
             conn = self._lend(slot)
             if self._check is None and slot.taken_at - slot.idle_since <= self._alive_after:
                 # Nothing to check (the common case after a wait): skip the call.
@@ -476,7 +473,6 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             except BaseException:
                 self._give_back(slot, conn, "connections_lost")
                 raise
-            slot = None
             failures += 1
             # A dead connection is replaced and the next one tried at once; only a check
             # that fails on healthy connections (a broken callback) backs off.
@@ -487,6 +483,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 if delay >= remaining:
                     raise self._timeout_error(timeout, check_error)
                 sleep(delay)
+            slot = self._wait_slot(t0, timeout, check_error)
 
     def _check_before_lending(self, slot: Slot, conn: CT, deadline: float) -> None:
         """Run the check the connection needs before it is lent; raise if it fails.

@@ -394,6 +394,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         info = _LEVELS.get(_INFO)
         if info is None:
             info = logger.isEnabledFor(_INFO)
+        if info:
+            logger.info("connection requested from %r", self.name)
         now = monotonic()
         core = self._core
         # acquire/release rather than `with`: measurably cheaper on this path.
@@ -419,8 +421,6 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         if cmds:
             self._execute(cmds)
         if slot is None:
-            if info:
-                logger.info("connection requested from %r", self.name)
             slot = await self._wait_ticket(ticket, res, now, limit, None)
             if self._slow_lend or slot.taken_at - slot.idle_since > self._alive_after:
                 return await self._getconn_slow(slot, now, limit)
@@ -445,17 +445,14 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         conn._pool = self
         return conn
 
-    async def _getconn_slow(self, slot: Slot | None, t0: float, timeout: float | None) -> ACT:
+    async def _getconn_slow(self, slot: Slot, t0: float, timeout: float | None) -> ACT:
+        """Lend `slot` once it passes its check; on failure, ask again until the deadline."""
         if timeout is None:
             timeout = self.timeout
-        if slot is not None:
-            logger.info("connection requested from %r", self.name)
         deadline = t0 + timeout
         failures = 0
         check_error: Exception | None = None
         while True:
-            if slot is None:
-                slot = await self._wait_slot(t0, timeout, check_error)
             conn = self._lend(slot)
             if self._check is None and slot.taken_at - slot.idle_since <= self._alive_after:
                 # Nothing to check (the common case after a wait): skip the call.
@@ -474,7 +471,6 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             except BaseException:
                 self._give_back(slot, conn, "connections_lost")
                 raise
-            slot = None
             failures += 1
             # A dead connection is replaced and the next one tried at once; only a check
             # that fails on healthy connections (a broken callback) backs off.
@@ -485,6 +481,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 if delay >= remaining:
                     raise self._timeout_error(timeout, check_error)
                 await asleep(delay)
+            slot = await self._wait_slot(t0, timeout, check_error)
 
     async def _check_before_lending(self, slot: Slot, conn: ACT, deadline: float) -> None:
         """Run the check the connection needs before it is lent; raise if it fails.

@@ -559,15 +559,20 @@ def test_interrupted_check_returns_the_connection(dsn: str) -> None:
         assert stats["pool_size"] == 1
 
 
+def _one_taken_then_one_queued(pool: ConnectionPool[Any]) -> None:
+    """Two getconn() calls: one served at once, one queued until the first returns."""
+    pool.wait(5)
+    held = pool.getconn()
+    client = PoolClient(pool, timeout=5).start()
+    wait_until(lambda: pool.get_stats()["requests_waiting"] == 1, "the client to queue")
+    pool.putconn(held)
+    client.join()
+
+
 def test_requested_and_given_logs(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="psycopg.pool")
     with ConnectionPool(dsn, min_size=1, open=False, name="chatty") as pool:
-        pool.wait(5)
-        held = pool.getconn()
-        client = PoolClient(pool, timeout=5).start()
-        wait_until(lambda: pool.get_stats()["requests_waiting"] == 1, "the client to queue")
-        pool.putconn(held)
-        client.join()
+        _one_taken_then_one_queued(pool)
     infos = log_messages(caplog, logging.INFO)
     assert any("connection requested" in m and "chatty" in m for m in infos)
     assert sum("connection given" in m for m in infos) == 2
@@ -594,3 +599,17 @@ def test_log_level_changes_reach_the_hot_path(dsn: str, caplog: pytest.LogCaptur
         pool.putconn(pool.getconn())
         infos = log_messages(caplog, logging.INFO)
         assert sum("connection given" in m for m in infos) == 1
+
+
+def test_each_getconn_logs_requested_and_given_once(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A queued request whose connection is then checked goes through two code paths:
+    # still one "requested" and one "given" per call.
+    caplog.set_level(logging.INFO, logger="psycopg.pool")
+    check = ConnectionPool.check_connection
+    with ConnectionPool(dsn, min_size=1, max_size=1, check=check, open=False) as pool:
+        _one_taken_then_one_queued(pool)
+    infos = log_messages(caplog, logging.INFO)
+    assert sum("connection requested" in m for m in infos) == 2
+    assert sum("connection given" in m for m in infos) == 2
