@@ -39,6 +39,8 @@ class Case:
             t += 0.6 * int(p.get("reps", 1))
         if self.scenario == "overhead":
             t += 0.3
+        if p.get("share"):
+            t += 12 * 0.25  # 3 modes x SHARE_ROUNDS slices, plus connecting
         return t
 
 
@@ -126,6 +128,9 @@ def select1_cases(s: Settings) -> tuple[list[Case], dict[str, Case]]:
     baselines: dict[str, Case] = {}
     for kind, pairs in grid.items():
         for workers, max_size in pairs:
+            # The cases with a share-of-baseline target (issue 5) also measure it in
+            # process (see workload._share_sync).
+            share = workers <= max_size if kind == "threads" else (workers, max_size) == (1024, 16)
             for autocommit in commits:
                 base = _select1_baseline(kind, min(workers, max_size), autocommit, s)
                 baselines[base.key] = base
@@ -141,6 +146,7 @@ def select1_cases(s: Settings) -> tuple[list[Case], dict[str, Case]]:
                             "autocommit": autocommit,
                             "warmup": 0.1 if s.quick else 0.3,
                             "duration": s.dur(1.0, 0.3),
+                            "share": share,
                         },
                         label=f"{workers} {kind} on max_size={max_size}",
                         metric="throughput",

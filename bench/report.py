@@ -16,6 +16,7 @@ Stat = tuple[float, float, float]  # median, min, max
 # the pool needs to serve every worker once: workers / throughput), plus a small slack.
 STARVED_ROTATIONS = 4.0
 STARVED_SLACK_MS = 20.0
+SHARE_SLICE_TEXT = "4 x 0.2 s"  # workload.SHARE_ROUNDS x workload.SHARE_SLICE
 
 
 class Results:
@@ -40,6 +41,11 @@ class Results:
     def median(self, key: str, side: str, metric: str) -> float | None:
         v = self.values(key, side, metric)
         return statistics.median(v) if v else None
+
+    def spread(self, key: str, side: str, metric: str) -> Stat | None:
+        """A per-run metric over the pairs: median, min, max."""
+        v = self.values(key, side, metric)
+        return (statistics.median(v), min(v), max(v)) if v else None
 
     def ratio(
         self, key: str, side: str, den_key: str, den_side: str, metric: str, den_metric: str = ""
@@ -176,7 +182,15 @@ def targets_section(res: Results) -> str:
         share = 0.9 if p["kind"] == "async" and w == 1024 and mx == 16 else None
         if p["kind"] == "sync" and w <= mx:
             share = 0.95
-        if share is not None:
+        if share is not None and res.values(key, OURS, "share"):
+            # Measured in each run's own process, alternating with the baseline (see
+            # the select1 section); the separate-run ratio is in the tables.
+            s = res.spread(key, OURS, "share")
+            u = res.spread(key, UPSTREAM, "share")
+            f = res.spread(key, OURS, "fifo_share")
+            measured = f"{fratio(s)} (upstream {fratio(u)}; bare FIFO {fratio(f)})"
+            add(f"{where}: ours ÷ baseline ≥ {share}", measured, status(s, share, False, pairs))
+        elif share is not None:
             s = res.ratio(key, OURS, base, BASE, "throughput")
             u = res.ratio(key, UPSTREAM, base, BASE, "throughput")
             measured = f"{fratio(s)} (upstream {fratio(u)})"
@@ -292,12 +306,20 @@ def select1_section(res: Results) -> str:
         " over the window per request completed in it (psycopg, the pool, the loop"
         " itself), baseline / upstream / ours. With asyncio the client is one CPU-bound"
         " thread and this tracks throughput; with threads it also moves with each run's"
-        " GIL hand-offs and context switches.\n"
+        " GIL hand-offs and context switches.\n\n"
+        "*In process* (the cases with a share target): separate runs land in different"
+        " machine states (on 2 shared cores, thread runs of one case differ by up to 2x"
+        " from one process to the next), so each of these runs also alternates, in its"
+        " own process, the pool, the dedicated connections and a *bare FIFO* (a deque of"
+        " max_size connections, a lock for threads, one future per waiter for tasks: the"
+        f" least a pool must do) in {SHARE_SLICE_TEXT} slices, A B C C B A ..., and"
+        " reports each one's throughput ÷ the dedicated connections'. The targets use"
+        " these shares (median [min..max] over the runs).\n"
     ]
     header = (
         "workers | max_size | mode | baseline q/s | upstream q/s | ours q/s | ours ÷ upstream"
         " | ours ÷ baseline | upstream ÷ baseline | p50 ms | p99 ms | p99 wait ms | worst wait ms"
-        " | client CPU µs/req"
+        " | client CPU µs/req | in process ÷ baseline (up / ours / bare FIFO)"
     )
     for kind, title in (("sync", "threads"), ("async", "asyncio tasks")):
         rows = []
@@ -324,11 +346,18 @@ def select1_section(res: Results) -> str:
                     pair_text(res, key, "wait_max_ms"),
                     f"{fnum(res.median(base, BASE, 'cpu_us_per_op'))} / "
                     + pair_text(res, key, "cpu_us_per_op"),
+                    in_process(res, key),
                 ]
             )
         if rows:
             out.append(f"\n### {title}\n\n" + table(header, rows) + "\n")
     return "".join(out)
+
+
+def in_process(res: Results, key: str) -> str:
+    if not res.values(key, OURS, "share"):
+        return "-"
+    return f"{pair_text(res, key, 'share', 2)} / {fnum(res.median(key, OURS, 'fifo_share'), 2)}"
 
 
 def burst_section(res: Results) -> str:

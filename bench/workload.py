@@ -416,10 +416,11 @@ def scenario_select1(dsn: str, p: Params) -> Metrics:
     autocommit = bool(p.get("autocommit", True))
     warmup, duration = float(p.get("warmup", 0.3)), float(p.get("duration", 1.0))
     baseline = p.get("mode") == "baseline"
+    n_base = min(workers, max_size)
 
     if p["kind"] == "sync":
         if baseline:
-            return _baseline_sync(dsn, min(workers, max_size), autocommit, warmup, duration)
+            return _baseline_sync(dsn, n_base, autocommit, warmup, duration)
         from psycopg_pool import ConnectionPool
 
         pool = ConnectionPool(dsn, open=False, **_pool_kwargs(p))
@@ -427,13 +428,15 @@ def scenario_select1(dsn: str, p: Params) -> Metrics:
         try:
             m = run_threads([_pool_request(pool)] * workers, warmup, duration)
             m["connections_opened"] = pool.get_stats().get("connections_num")
+            if p.get("share"):
+                m.update(_share_sync(dsn, pool, workers, max_size, autocommit))
         finally:
             pool.close()
         return m
 
     async def arun() -> Metrics:
         if baseline:
-            return await _baseline_async(dsn, min(workers, max_size), autocommit, warmup, duration)
+            return await _baseline_async(dsn, n_base, autocommit, warmup, duration)
         from psycopg_pool import AsyncConnectionPool
 
         apool = AsyncConnectionPool(dsn, open=False, **_pool_kwargs(p))
@@ -441,6 +444,8 @@ def scenario_select1(dsn: str, p: Params) -> Metrics:
         try:
             m = await run_tasks([_apool_request(apool)] * workers, warmup, duration)
             m["connections_opened"] = apool.get_stats().get("connections_num")
+            if p.get("share"):
+                m.update(await _share_async(dsn, apool, workers, max_size, autocommit))
         finally:
             await apool.close()
         return m
@@ -448,22 +453,184 @@ def scenario_select1(dsn: str, p: Params) -> Metrics:
     return asyncio.run(arun())
 
 
-def _baseline_sync(dsn: str, n: int, autocommit: bool, warmup: float, duration: float) -> Metrics:
-    """The no-pool limit: n workers, each looping on its own dedicated connection."""
-    conns = [psycopg.connect(dsn, autocommit=autocommit) for _ in range(n)]
+# --------------------------------------------------------------------------------------
+# select1, share of the no-pool limit measured in one process
+#
+# Separate runs of the pool and of its baseline land in different machine states (on 2
+# shared cores, thread runs of the same case differ by up to 2x from one process to
+# the next), so their ratio mostly measures that. Here the pool, the dedicated
+# connections and a bare FIFO of connections (the least any pool must do) take turns
+# in short slices, A B C C B A ..., in the same process.
+
+SHARE_SLICE = 0.2  # seconds per slice
+SHARE_ROUNDS = 4  # each mode gets this many slices
+
+
+class _SyncFifo:
+    """A locked deque of connections; waiters are served in arrival order."""
+
+    def __init__(self, conns: list[Any]) -> None:
+        self._lock = threading.Lock()
+        self._idle: deque[Any] = deque(conns)
+        self._waiters: deque[tuple[threading.Lock, list[Any]]] = deque()
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._idle:
+                return self._idle.popleft()
+            gate = threading.Lock()
+            box: list[Any] = []
+            gate.acquire()
+            self._waiters.append((gate, box))
+        if not gate.acquire(timeout=CHECKOUT_TIMEOUT):
+            raise RuntimeError("the bare FIFO did not serve a waiter in time")
+        return box[0]
+
+    def put(self, conn: Any) -> None:
+        with self._lock:
+            if not self._waiters:
+                self._idle.append(conn)
+                return
+            gate, box = self._waiters.popleft()
+        box.append(conn)
+        gate.release()
+
+
+class _AsyncFifo:
+    """A deque of connections and one future per waiter, served in arrival order."""
+
+    def __init__(self, conns: list[Any]) -> None:
+        self._idle: deque[Any] = deque(conns)
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+
+    async def get(self) -> Any:
+        if self._idle:
+            return self._idle.popleft()
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        return await fut
+
+    def put(self, conn: Any) -> None:
+        if self._waiters:
+            self._waiters.popleft().set_result(conn)
+        else:
+            self._idle.append(conn)
+
+
+def _share_order(modes: list[str]) -> list[str]:
+    """Each mode SHARE_ROUNDS times, every other round reversed (A B C C B A ...)."""
+    return [m for r in range(SHARE_ROUNDS) for m in (modes if r % 2 == 0 else modes[::-1])]
+
+
+def _share_metrics(ops: dict[str, int], seconds: dict[str, float]) -> Metrics:
+    qps = {m: ops[m] / seconds[m] for m in ops}
+    base = qps["baseline"]
+    return {
+        "share_qps": qps,
+        "share": qps["pool"] / base if base else None,
+        "fifo_share": qps["fifo"] / base if base else None,
+    }
+
+
+def _share_sync(dsn: str, pool: Any, workers: int, max_size: int, autocommit: bool) -> Metrics:
+    n_base = min(workers, max_size)
+    dedicated = [psycopg.connect(dsn, autocommit=autocommit) for _ in range(n_base)]
+    fifo_conns = [psycopg.connect(dsn, autocommit=autocommit) for _ in range(max_size)]
+    fifo = _SyncFifo(fifo_conns)
     try:
 
-        def make(conn: psycopg.Connection[Any]) -> SyncRequest:
-            def req() -> tuple[float, float]:
+        def fifo_request() -> tuple[float, float]:
+            conn = fifo.get()
+            try:
                 t1 = clock()
                 conn.execute("SELECT 1").fetchone()
                 if not autocommit:
                     conn.commit()
-                return t1, clock()
+            finally:
+                fifo.put(conn)
+            return t1, clock()
 
-            return req
+        reqs: dict[str, list[SyncRequest]] = {
+            "pool": [_pool_request(pool)] * workers,
+            "baseline": [_dedicated_request(c, autocommit) for c in dedicated],
+            "fifo": [fifo_request] * workers,
+        }
+        ops = dict.fromkeys(reqs, 0)
+        seconds = dict.fromkeys(reqs, 0.0)
+        for mode in _share_order(list(reqs)):
+            m = run_threads(reqs[mode], 0.02, SHARE_SLICE)
+            ops[mode] += m["ops"]
+            seconds[mode] += SHARE_SLICE
+    finally:
+        for c in dedicated + fifo_conns:
+            c.close()
+    return _share_metrics(ops, seconds)
 
-        m = run_threads([make(c) for c in conns], warmup, duration)
+
+async def _share_async(
+    dsn: str, pool: Any, workers: int, max_size: int, autocommit: bool
+) -> Metrics:
+    connect = psycopg.AsyncConnection.connect
+    dedicated = [await connect(dsn, autocommit=autocommit) for _ in range(min(workers, max_size))]
+    fifo_conns = [await connect(dsn, autocommit=autocommit) for _ in range(max_size)]
+    fifo = _AsyncFifo(fifo_conns)
+    try:
+
+        async def fifo_request() -> tuple[float, float]:
+            conn = await fifo.get()
+            try:
+                t1 = clock()
+                await (await conn.execute("SELECT 1")).fetchone()
+                if not autocommit:
+                    await conn.commit()
+            finally:
+                fifo.put(conn)
+            return t1, clock()
+
+        reqs: dict[str, list[AsyncRequest]] = {
+            "pool": [_apool_request(pool)] * workers,
+            "baseline": [_adedicated_request(c, autocommit) for c in dedicated],
+            "fifo": [fifo_request] * workers,
+        }
+        ops = dict.fromkeys(reqs, 0)
+        seconds = dict.fromkeys(reqs, 0.0)
+        for mode in _share_order(list(reqs)):
+            m = await run_tasks(reqs[mode], 0.02, SHARE_SLICE)
+            ops[mode] += m["ops"]
+            seconds[mode] += SHARE_SLICE
+    finally:
+        for c in dedicated + fifo_conns:
+            await c.close()
+    return _share_metrics(ops, seconds)
+
+
+def _dedicated_request(conn: psycopg.Connection[Any], autocommit: bool) -> SyncRequest:
+    def req() -> tuple[float, float]:
+        t1 = clock()
+        conn.execute("SELECT 1").fetchone()
+        if not autocommit:
+            conn.commit()
+        return t1, clock()
+
+    return req
+
+
+def _adedicated_request(conn: psycopg.AsyncConnection[Any], autocommit: bool) -> AsyncRequest:
+    async def req() -> tuple[float, float]:
+        t1 = clock()
+        await (await conn.execute("SELECT 1")).fetchone()
+        if not autocommit:
+            await conn.commit()
+        return t1, clock()
+
+    return req
+
+
+def _baseline_sync(dsn: str, n: int, autocommit: bool, warmup: float, duration: float) -> Metrics:
+    """The no-pool limit: n workers, each looping on its own dedicated connection."""
+    conns = [psycopg.connect(dsn, autocommit=autocommit) for _ in range(n)]
+    try:
+        m = run_threads([_dedicated_request(c, autocommit) for c in conns], warmup, duration)
     finally:
         for c in conns:
             c.close()
@@ -476,18 +643,7 @@ async def _baseline_async(
 ) -> Metrics:
     conns = [await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit) for _ in range(n)]
     try:
-
-        def make(conn: psycopg.AsyncConnection[Any]) -> AsyncRequest:
-            async def req() -> tuple[float, float]:
-                t1 = clock()
-                await (await conn.execute("SELECT 1")).fetchone()
-                if not autocommit:
-                    await conn.commit()
-                return t1, clock()
-
-            return req
-
-        m = await run_tasks([make(c) for c in conns], warmup, duration)
+        m = await run_tasks([_adedicated_request(c, autocommit) for c in conns], warmup, duration)
     finally:
         for c in conns:
             await c.close()
