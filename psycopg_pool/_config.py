@@ -91,4 +91,3 @@ def check_connection_class(value: object, base: type) -> None:
             f"connection_class must be a subclass of {base.__module__}.{base.__qualname__},"
             f" got {value!r}"
         )
-

@@ -44,9 +44,7 @@ class ConnectAttempt:
         self.connect_failed = False
         self.ms = 0
 
-    def run(
-        self, pool: ConnectionPool[Any], extra: dict[str, Any] | None = None
-    ) -> Any:
+    def run(self, pool: ConnectionPool[Any], extra: dict[str, Any] | None = None) -> Any:
         conninfo: Any = pool.conninfo
         if callable(conninfo):
             conninfo = resolve(conninfo())

@@ -42,9 +42,7 @@ class AsyncConnectAttempt:
         self.connect_failed = False
         self.ms = 0
 
-    async def run(
-        self, pool: AsyncConnectionPool[Any], extra: dict[str, Any] | None = None
-    ) -> Any:
+    async def run(self, pool: AsyncConnectionPool[Any], extra: dict[str, Any] | None = None) -> Any:
         conninfo: Any = pool.conninfo
         if callable(conninfo):
             conninfo = await aresolve(conninfo())

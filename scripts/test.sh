@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything CI checks: bootstrap, ruff, mypy, the unasync freshness check (once
-# tools/unasync.py exists) and pytest; arguments go to pytest, relative to the repo
+# Everything CI checks: bootstrap, ruff (lint and format), mypy, the unasync freshness
+# check (once tools/unasync.py exists) and pytest; arguments go to pytest, relative to the repo
 # root. Every step runs even after a failure; the exit status is non-zero if any
 # failed (pytest finding no tests, exit code 5, is a failure too).
 set -uo pipefail
@@ -31,6 +31,7 @@ bash scripts/bootstrap.sh || {
 py=.venv/bin/python
 if [ -n "${CI:-}" ]; then export HYPOTHESIS_PROFILE=ci; fi  # core state machine: >= 1,000 examples
 step "ruff check" "$py" -m ruff check .
+step "ruff format --check" "$py" -m ruff format --check .
 step "mypy" "$py" -m mypy
 if [ -f tools/unasync.py ]; then
     step "unasync --check" "$py" tools/unasync.py --check

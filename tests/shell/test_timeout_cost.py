@@ -26,7 +26,6 @@ from . import aharness, sharness
 FEW, MANY = 10, 200
 
 
-
 def calls_during(fn: Callable[[], Any]) -> int:
     """How many function calls `fn()` makes (it must raise PoolTimeout)."""
     n = 0
