@@ -223,6 +223,10 @@ def targets_section(res: Results) -> str:
         opened = res.values(key, OURS, "connections_opened")
         mx = int(c["params"]["max_size"])
         st = status(s, 1.25, True, pairs)
+        nw = int(c["params"].get("num_workers", mx))
+        if st == "not met" and nw < mx:
+            # API.md: a pool opens at most num_workers connections at once.
+            st = f"not met: num_workers={nw} bounds the connects under way (API.md)"
         if opened and max(opened) > mx:
             st = f"not met (opened {max(opened):.0f} > {mx})"
         add(
