@@ -1,19 +1,24 @@
-"""Where an asyncio hand-off's time goes: the pool beside simpler ways to share connections.
+"""Where a hand-off's time goes: the pool beside simpler ways to share connections.
 
-One process, one event loop, `SELECT 1` (autocommit) from `--workers` tasks; the modes
-take turns in slices (A B C ... C B A ...) so that they all see the same machine state:
+One process, `SELECT 1` (autocommit) from `--workers` asyncio tasks (or threads, with
+`--threads`); the modes take turns in slices (A B C ... C B A ...) so that they all see
+the same machine state:
 
-- `baseline`: min(workers, max_size) tasks, each on its own dedicated connection;
-- `fifo`: a deque of max_size connections and one future per waiter, `get()`/`put()`;
-- `fifo-ctx`: the same FIFO behind a class-based `async with` (the protocol's own cost);
-- `getconn`: `await pool.getconn()` / `await pool.putconn()`;
-- `pool`: `async with pool.connection()`.
+- `baseline`: min(workers, max_size) workers, each on its own dedicated connection;
+- `fifo`: a deque of max_size connections; waiters (a future, or a lock for threads)
+  served in order;
+- `fifo-busy`: the same with `--busy` iterations of an empty Python loop per request
+  (50 is about 0.3 µs), to see what a little more Python costs in place;
+- `fifo-ctx` (tasks): the FIFO behind a class-based `async with` (the protocol's cost);
+- `getconn`: `pool.getconn()` / `pool.putconn()`;
+- `pool`: `with pool.connection()`.
 
-`--ablate lock` swaps the pool's lock for a no-op, `--ablate deadlines` skips the shared
-deadline timer (waiters then never time out): probes of what those parts cost, which
-are safe here only because one thread uses the pool. Prints a markdown table.
+`--ablate lock` swaps the async pool's lock for a no-op, `--ablate deadlines` skips its
+shared deadline timer (waiters then never time out): probes of what those parts cost,
+safe only because one thread uses that pool. Prints a markdown table.
 
     .venv/bin/python bench/probe.py --workers 1024 --max-size 16
+    .venv/bin/python bench/probe.py --threads --workers 16 --max-size 16
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import asyncio
 import os
 import statistics
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,15 +36,27 @@ import psycopg
 from workload import (
     CHECKOUT_TIMEOUT,
     AsyncRequest,
+    Metrics,
+    SyncRequest,
     _adedicated_request,
     _apool_request,
     _AsyncFifo,
+    _dedicated_request,
+    _pool_request,
     _share_order,
+    _SyncFifo,
     clock,
     run_tasks,
+    run_threads,
 )
 
-MODES = ("baseline", "fifo", "fifo-ctx", "getconn", "pool")
+MODES = ("baseline", "fifo", "fifo-busy", "fifo-ctx", "getconn", "pool")
+Runs = dict[str, list[tuple[float, float]]]  # mode: (q/s, client CPU µs/req) per slice
+
+
+def _busy(n: int) -> None:
+    for _ in range(n):
+        pass
 
 
 class _FifoContext:
@@ -56,10 +73,11 @@ class _FifoContext:
         self._fifo.put(self._conn)
 
 
-def _fifo_request(fifo: _AsyncFifo, ctx: bool) -> AsyncRequest:
+def _afifo_request(fifo: _AsyncFifo, busy: int = 0, ctx: bool = False) -> AsyncRequest:
     async def plain() -> tuple[float, float]:
         conn = await fifo.get()
         try:
+            _busy(busy)
             t1 = clock()
             await (await conn.execute("SELECT 1")).fetchone()
         finally:
@@ -75,7 +93,21 @@ def _fifo_request(fifo: _AsyncFifo, ctx: bool) -> AsyncRequest:
     return with_context if ctx else plain
 
 
-def _getconn_request(pool: Any) -> AsyncRequest:
+def _fifo_request(fifo: _SyncFifo, busy: int = 0) -> SyncRequest:
+    def req() -> tuple[float, float]:
+        conn = fifo.get()
+        try:
+            _busy(busy)
+            t1 = clock()
+            conn.execute("SELECT 1").fetchone()
+        finally:
+            fifo.put(conn)
+        return t1, clock()
+
+    return req
+
+
+def _agetconn_request(pool: Any) -> AsyncRequest:
     async def req() -> tuple[float, float]:
         conn = await pool.getconn(timeout=CHECKOUT_TIMEOUT)
         try:
@@ -83,6 +115,19 @@ def _getconn_request(pool: Any) -> AsyncRequest:
             await (await conn.execute("SELECT 1")).fetchone()
         finally:
             await pool.putconn(conn)
+        return t1, clock()
+
+    return req
+
+
+def _getconn_request(pool: Any) -> SyncRequest:
+    def req() -> tuple[float, float]:
+        conn = pool.getconn(timeout=CHECKOUT_TIMEOUT)
+        try:
+            t1 = clock()
+            conn.execute("SELECT 1").fetchone()
+        finally:
+            pool.putconn(conn)
         return t1, clock()
 
     return req
@@ -114,7 +159,11 @@ def _ablate(pool: Any, parts: list[str]) -> None:
         _acompat.AsyncDeadlines.add = add  # type: ignore[method-assign]
 
 
-async def probe(dsn: str, args: argparse.Namespace) -> list[list[str]]:
+def _record(runs: Runs, mode: str, m: Metrics) -> None:
+    runs[mode].append((m["throughput"], m.get("cpu_us_per_op", float("nan"))))
+
+
+async def probe_tasks(dsn: str, args: argparse.Namespace, modes: list[str]) -> Runs:
     from psycopg_pool import AsyncConnectionPool
 
     w, n = args.workers, args.max_size
@@ -127,40 +176,78 @@ async def probe(dsn: str, args: argparse.Namespace) -> list[list[str]]:
     fifo = _AsyncFifo(fifo_conns)
     reqs: dict[str, list[AsyncRequest]] = {
         "baseline": [_adedicated_request(c, True) for c in dedicated],
-        "fifo": [_fifo_request(fifo, False)] * w,
-        "fifo-ctx": [_fifo_request(fifo, True)] * w,
-        "getconn": [_getconn_request(pool)] * w,
+        "fifo": [_afifo_request(fifo)] * w,
+        "fifo-busy": [_afifo_request(fifo, busy=args.busy)] * w,
+        "fifo-ctx": [_afifo_request(fifo, ctx=True)] * w,
+        "getconn": [_agetconn_request(pool)] * w,
         "pool": [_apool_request(pool)] * w,
     }
-    modes = [m for m in MODES if m in args.modes]
-    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    runs: Runs = {m: [] for m in modes}
     try:
         for mode in modes:  # warm up every path once
             await run_tasks(reqs[mode], 0.0, 0.2)
         for _ in range(args.rounds // 2):
             for mode in _share_order(modes)[: 2 * len(modes)]:
-                m = await run_tasks(reqs[mode], 0.02, args.slice)
-                runs[mode].append((m["throughput"], m.get("cpu_us_per_op", float("nan"))))
+                _record(runs, mode, await run_tasks(reqs[mode], 0.02, args.slice))
     finally:
         for c in dedicated + fifo_conns:
             await c.close()
         await pool.close()
+    return runs
 
+
+def probe_threads(dsn: str, args: argparse.Namespace, modes: list[str]) -> Runs:
+    from psycopg_pool import ConnectionPool
+
+    w, n = args.workers, args.max_size
+    pool = ConnectionPool(dsn, min_size=n, max_size=n, kwargs={"autocommit": True}, open=False)
+    pool.open(wait=True, timeout=CHECKOUT_TIMEOUT)
+    dedicated = [psycopg.connect(dsn, autocommit=True) for _ in range(min(w, n))]
+    fifo_conns = [psycopg.connect(dsn, autocommit=True) for _ in range(n)]
+    fifo = _SyncFifo(fifo_conns)
+    reqs: dict[str, list[SyncRequest]] = {
+        "baseline": [_dedicated_request(c, True) for c in dedicated],
+        "fifo": [_fifo_request(fifo)] * w,
+        "fifo-busy": [_fifo_request(fifo, busy=args.busy)] * w,
+        "getconn": [_getconn_request(pool)] * w,
+        "pool": [_pool_request(pool)] * w,
+    }
+    modes = [m for m in modes if m in reqs]
+    runs: Runs = {m: [] for m in modes}
+    try:
+        for mode in modes:
+            run_threads(reqs[mode], 0.0, 0.2)
+        for _ in range(args.rounds // 2):
+            for mode in _share_order(modes)[: 2 * len(modes)]:
+                _record(runs, mode, run_threads(reqs[mode], 0.02, args.slice))
+    finally:
+        for c in dedicated + fifo_conns:
+            c.close()
+        pool.close()
+    return runs
+
+
+def table(runs: Runs) -> list[str]:
     def qps(mode: str) -> float:
         return sum(q for q, _ in runs[mode]) / len(runs[mode])
 
-    rows = []
-    for mode in modes:
-        rows.append(
-            [
-                mode,
-                f"{statistics.median(q for q, _ in runs[mode]):,.0f}",
-                f"{statistics.median(c for _, c in runs[mode]):.1f}",
-                f"{qps(mode) / qps('baseline'):.3f}" if "baseline" in runs else "-",
-                f"{qps(mode) / qps('fifo'):.3f}" if "fifo" in runs else "-",
-            ]
-        )
-    return rows
+    def share(mode: str, ref: str) -> str:
+        return f"{qps(mode) / qps(ref):.3f}" if ref in runs else "-"
+
+    lines = [
+        "| mode | q/s (median slice) | client CPU µs/req | ÷ baseline | ÷ fifo |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, r in runs.items():
+        cells = [
+            mode,
+            f"{statistics.median(q for q, _ in r):,.0f}",
+            f"{statistics.median(c for _, c in r):.1f}",
+            share(mode, "baseline"),
+            share(mode, "fifo"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 @contextmanager
@@ -177,25 +264,29 @@ def _server(dsn: str | None) -> Iterator[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dsn", default=os.environ.get("DATABASE_URL"))
+    ap.add_argument("--threads", action="store_true", help="threads rather than asyncio tasks")
     ap.add_argument("--workers", type=int, default=1024)
     ap.add_argument("--max-size", type=int, default=16)
     ap.add_argument("--slice", type=float, default=0.4, help="seconds per slice")
     ap.add_argument("--rounds", type=int, default=8, help="slices per mode (even)")
-    ap.add_argument("--modes", default=",".join(MODES), type=lambda s: s.split(","))
-    ap.add_argument(
-        "--ablate", default=[], type=lambda s: s.split(","), help="lock,deadlines (see above)"
-    )
+    ap.add_argument("--busy", type=int, default=50, help="empty loop iterations for fifo-busy")
+    split: Callable[[str], list[str]] = lambda s: s.split(",")  # noqa: E731
+    ap.add_argument("--modes", default=list(MODES), type=split)
+    ap.add_argument("--ablate", default=[], type=split, help="lock,deadlines (see above)")
     args = ap.parse_args()
+    modes = [m for m in MODES if m in args.modes]
     with _server(args.dsn) as dsn:
-        rows = asyncio.run(probe(dsn, args))
+        if args.threads:
+            runs = probe_threads(dsn, args, modes)
+        else:
+            runs = asyncio.run(probe_tasks(dsn, args, modes))
+    kind = "threads" if args.threads else "tasks"
+    ablated = f", ablated: {','.join(args.ablate)}" if args.ablate else ""
     print(
-        f"{args.workers} tasks, max_size {args.max_size}, {args.rounds} x {args.slice} s"
-        f" per mode{', ablated: ' + ','.join(args.ablate) if args.ablate else ''}\n"
+        f"{args.workers} {kind}, max_size {args.max_size}, {args.rounds} x {args.slice} s"
+        f" per mode, fifo-busy {args.busy} loops{ablated}\n"
     )
-    print("| mode | q/s (median slice) | client CPU µs/req | ÷ baseline | ÷ fifo |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    print("\n".join(table(runs)))
     return 0
 
 
