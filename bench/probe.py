@@ -30,6 +30,7 @@ import statistics
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -39,9 +40,11 @@ from workload import (
     Metrics,
     SyncRequest,
     _adedicated_request,
+    _afifo_request,
     _apool_request,
     _AsyncFifo,
     _dedicated_request,
+    _fifo_request,
     _pool_request,
     _share_order,
     _SyncFifo,
@@ -52,11 +55,6 @@ from workload import (
 
 MODES = ("baseline", "fifo", "fifo-busy", "fifo-ctx", "getconn", "pool")
 Runs = dict[str, list[tuple[float, float]]]  # mode: (q/s, client CPU µs/req) per slice
-
-
-def _busy(n: int) -> None:
-    for _ in range(n):
-        pass
 
 
 class _FifoContext:
@@ -73,38 +71,11 @@ class _FifoContext:
         self._fifo.put(self._conn)
 
 
-def _afifo_request(fifo: _AsyncFifo, busy: int = 0, ctx: bool = False) -> AsyncRequest:
-    async def plain() -> tuple[float, float]:
-        conn = await fifo.get()
-        try:
-            _busy(busy)
-            t1 = clock()
-            await (await conn.execute("SELECT 1")).fetchone()
-        finally:
-            fifo.put(conn)
-        return t1, clock()
-
-    async def with_context() -> tuple[float, float]:
-        async with _FifoContext(fifo) as conn:
-            t1 = clock()
-            await (await conn.execute("SELECT 1")).fetchone()
-        return t1, clock()
-
-    return with_context if ctx else plain
-
-
-def _fifo_request(fifo: _SyncFifo, busy: int = 0) -> SyncRequest:
-    def req() -> tuple[float, float]:
-        conn = fifo.get()
-        try:
-            _busy(busy)
-            t1 = clock()
-            conn.execute("SELECT 1").fetchone()
-        finally:
-            fifo.put(conn)
-        return t1, clock()
-
-    return req
+async def _fifo_context_request(fifo: _AsyncFifo) -> tuple[float, float]:
+    async with _FifoContext(fifo) as conn:
+        t1 = clock()
+        await (await conn.execute("SELECT 1")).fetchone()
+    return t1, clock()
 
 
 def _agetconn_request(pool: Any) -> AsyncRequest:
@@ -176,9 +147,9 @@ async def probe_tasks(dsn: str, args: argparse.Namespace, modes: list[str]) -> R
     fifo = _AsyncFifo(fifo_conns)
     reqs: dict[str, list[AsyncRequest]] = {
         "baseline": [_adedicated_request(c, True) for c in dedicated],
-        "fifo": [_afifo_request(fifo)] * w,
-        "fifo-busy": [_afifo_request(fifo, busy=args.busy)] * w,
-        "fifo-ctx": [_afifo_request(fifo, ctx=True)] * w,
+        "fifo": [_afifo_request(fifo, True)] * w,
+        "fifo-busy": [_afifo_request(fifo, True, busy=args.busy)] * w,
+        "fifo-ctx": [partial(_fifo_context_request, fifo)] * w,
         "getconn": [_agetconn_request(pool)] * w,
         "pool": [_apool_request(pool)] * w,
     }
@@ -207,8 +178,8 @@ def probe_threads(dsn: str, args: argparse.Namespace, modes: list[str]) -> Runs:
     fifo = _SyncFifo(fifo_conns)
     reqs: dict[str, list[SyncRequest]] = {
         "baseline": [_dedicated_request(c, True) for c in dedicated],
-        "fifo": [_fifo_request(fifo)] * w,
-        "fifo-busy": [_fifo_request(fifo, busy=args.busy)] * w,
+        "fifo": [_fifo_request(fifo, True)] * w,
+        "fifo-busy": [_fifo_request(fifo, True, busy=args.busy)] * w,
         "getconn": [_getconn_request(pool)] * w,
         "pool": [_pool_request(pool)] * w,
     }

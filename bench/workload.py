@@ -517,6 +517,45 @@ class _AsyncFifo:
             self._idle.append(conn)
 
 
+def _busy(n: int) -> None:
+    for _ in range(n):
+        pass
+
+
+def _fifo_request(fifo: _SyncFifo, autocommit: bool, busy: int = 0) -> SyncRequest:
+    """A request through the bare FIFO; `busy` adds that many empty loop turns."""
+
+    def req() -> tuple[float, float]:
+        conn = fifo.get()
+        try:
+            _busy(busy)
+            t1 = clock()
+            conn.execute("SELECT 1").fetchone()
+            if not autocommit:
+                conn.commit()
+        finally:
+            fifo.put(conn)
+        return t1, clock()
+
+    return req
+
+
+def _afifo_request(fifo: _AsyncFifo, autocommit: bool, busy: int = 0) -> AsyncRequest:
+    async def req() -> tuple[float, float]:
+        conn = await fifo.get()
+        try:
+            _busy(busy)
+            t1 = clock()
+            await (await conn.execute("SELECT 1")).fetchone()
+            if not autocommit:
+                await conn.commit()
+        finally:
+            fifo.put(conn)
+        return t1, clock()
+
+    return req
+
+
 def _share_order(modes: list[str]) -> list[str]:
     """Each mode SHARE_ROUNDS times, every other round reversed (A B C C B A ...)."""
     return [m for r in range(SHARE_ROUNDS) for m in (modes if r % 2 == 0 else modes[::-1])]
@@ -538,22 +577,10 @@ def _share_sync(dsn: str, pool: Any, workers: int, max_size: int, autocommit: bo
     fifo_conns = [psycopg.connect(dsn, autocommit=autocommit) for _ in range(max_size)]
     fifo = _SyncFifo(fifo_conns)
     try:
-
-        def fifo_request() -> tuple[float, float]:
-            conn = fifo.get()
-            try:
-                t1 = clock()
-                conn.execute("SELECT 1").fetchone()
-                if not autocommit:
-                    conn.commit()
-            finally:
-                fifo.put(conn)
-            return t1, clock()
-
         reqs: dict[str, list[SyncRequest]] = {
             "pool": [_pool_request(pool)] * workers,
             "baseline": [_dedicated_request(c, autocommit) for c in dedicated],
-            "fifo": [fifo_request] * workers,
+            "fifo": [_fifo_request(fifo, autocommit)] * workers,
         }
         ops = dict.fromkeys(reqs, 0)
         seconds = dict.fromkeys(reqs, 0.0)
@@ -575,22 +602,10 @@ async def _share_async(
     fifo_conns = [await connect(dsn, autocommit=autocommit) for _ in range(max_size)]
     fifo = _AsyncFifo(fifo_conns)
     try:
-
-        async def fifo_request() -> tuple[float, float]:
-            conn = await fifo.get()
-            try:
-                t1 = clock()
-                await (await conn.execute("SELECT 1")).fetchone()
-                if not autocommit:
-                    await conn.commit()
-            finally:
-                fifo.put(conn)
-            return t1, clock()
-
         reqs: dict[str, list[AsyncRequest]] = {
             "pool": [_apool_request(pool)] * workers,
             "baseline": [_adedicated_request(c, autocommit) for c in dedicated],
-            "fifo": [fifo_request] * workers,
+            "fifo": [_afifo_request(fifo, autocommit)] * workers,
         }
         ops = dict.fromkeys(reqs, 0)
         seconds = dict.fromkeys(reqs, 0.0)
