@@ -17,7 +17,7 @@ import os
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from threading import Lock
+from threading import RLock
 from time import monotonic
 from types import TracebackType
 from typing import Any, Generic, cast
@@ -185,7 +185,9 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         )
         # Slots whose lent connection was garbage-collected without being returned.
         self._collected: deque[Slot] = deque()
-        self._lock = Lock()
+        # Reentrant only so that a lock round can be written out by hand safely (see
+        # getconn()): its release() refuses a lock the thread does not hold.
+        self._lock = RLock()
         self._bg: AsyncBackground | None = None
         self._wakeup = AsyncWakeup()
         self._deadlines = AsyncDeadlines()
@@ -398,41 +400,79 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             logger.info("connection requested from %r", self.name)
         now = monotonic()
         core = self._core
-        # acquire/release rather than `with`: measurably cheaper on this path.
+        slot: Slot | None = None
+        ticket: AsyncWaiter = None  # type: ignore[assignment]  # bound once queued
+        # Whatever stops this call before the connection is handed over (an interrupt
+        # raised at any line, a worker that cannot start) must not keep the slot or
+        # the queued request: see _abandon(). The slow path takes care of its own.
         lock = self._lock
-        lock.acquire()
         try:
-            slot = core.take(now)
-            if slot is None:
-                # Under load, the usual case: queue in the same lock round.
-                limit = self.timeout if timeout is None else timeout
-                ticket = AsyncWaiter()
-                res = core.request(ticket, now, limit > 0)
-            # Take the outbox only if it has something: an empty one stays the core's,
-            # and must not be looked at once the lock is released (another thread
-            # may be filling it by then, and would execute the same commands).
-            cmds = core.out
+            # acquire/release rather than `with`: 0.2 us cheaper per round. The acquire
+            # is inside the `try`: an exception raised by a signal handler as it returns
+            # (they run there) must not leave the lock held, as it would after a bare
+            # `lock.acquire()`. `with` is safe from that, at twice the cost.
+            try:
+                lock.acquire()
+                slot = core.take(now)
+                if slot is None:
+                    # Under load, the usual case: queue in the same lock round.
+                    timeout = limit = self.timeout if timeout is None else timeout
+                    ticket = AsyncWaiter()
+                    res = core.request(ticket, now, limit > 0)
+                # Take the outbox only if it has something: an empty one stays the
+                # core's, and must not be looked at once the lock is released (another
+                # thread may be filling it by then, and would execute the same commands).
+                cmds = core.out
+                if cmds:
+                    core.out = []
+                else:
+                    cmds = _NO_COMMANDS
+            finally:
+                try:
+                    lock.release()
+                except RuntimeError:  # acquire() itself was interrupted: not ours
+                    pass
             if cmds:
-                core.out = []
+                self._execute(cmds)
+            if slot is None:
+                slot = await self._wait_ticket(ticket, res, now, limit, None)
+                slow = self._slow_lend or slot.taken_at - slot.idle_since > self._alive_after
             else:
-                cmds = _NO_COMMANDS
-        finally:
-            lock.release()
-        if cmds:
-            self._execute(cmds)
-        if slot is None:
-            slot = await self._wait_ticket(ticket, res, now, limit, None)
-            if self._slow_lend or slot.taken_at - slot.idle_since > self._alive_after:
-                return await self._getconn_slow(slot, now, limit)
-        elif self._slow_lend or now - slot.idle_since > self._alive_after:
-            return await self._getconn_slow(slot, now, timeout)
-        conn: ACT = slot.conn
-        # While lent, the client holds the only strong reference (see _adopt()).
-        slot.conn = None
-        conn._pool = self
-        if info:
-            logger.info("connection given by %r", self.name)
-        return conn
+                slow = self._slow_lend or now - slot.idle_since > self._alive_after
+            if not slow:
+                conn: ACT = slot.conn
+                if info:
+                    logger.info("connection given by %r", self.name)
+                conn._pool = self
+                # While lent, the client holds the only strong reference (see _adopt()).
+                slot.conn = None
+                return conn
+        except BaseException:
+            self._abandon(slot, ticket, now)
+            raise
+        return await self._getconn_slow(slot, now, timeout)
+
+    def _abandon(self, slot: Slot | None, ticket: AsyncWaiter | None, t0: float) -> None:
+        """getconn() fails before handing its connection over: give back what it has.
+
+        `slot` is the one it took, `ticket` its queued request (whose grant may have
+        been accepted already). A slot still in use is this call's own: it is only
+        ever given away by returning its connection (see _AsyncConnectionContext).
+        """
+        if slot is None and ticket is not None:
+            tstate = ticket.tstate
+            if tstate == core_state.T_WAITING or tstate == core_state.T_GRANTED:
+                self._withdraw(ticket, t0)
+                return
+            if tstate == core_state.T_DONE:
+                slot = ticket.slot
+        if slot is None or slot.state != core_state.IN_USE:
+            return
+        # Interrupted between lending and returning: the connection is only weakly
+        # referenced by the slot, but still alive in the failing frame.
+        conn = slot.conn if slot.conn is not None else slot.wref()
+        if conn is not None:
+            self._give_back(slot, conn, "connections_lost")
 
     def _lend(self, slot: Slot) -> ACT:
         """Hand `slot`'s connection to the calling client (the slow path's way)."""
@@ -640,19 +680,25 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         if pool is not self:
             self._foreign(conn, pool)
             return True
-        slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
-        slot.conn = conn
-        conn._pool = None
         info = _LEVELS.get(_INFO)
         if info is None:
             info = logger.isEnabledFor(_INFO)
         if info:
             logger.info("returning connection to %r", self.name)
-        if conn.pgconn.transaction_status == _IDLE and self._reset is None:
-            core = self._core
-            lock = self._lock
-            lock.acquire()
+        if conn.pgconn.transaction_status != _IDLE or self._reset is not None:
+            return False
+        slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+        core = self._core
+        lock = self._lock
+        ticket: Any = _PENDING
+        cmds = _NO_COMMANDS
+        # Once started, the return completes even if something raises on the way
+        # (an interrupt at any line): see _put_back_anyway().
+        try:
+            slot.conn = conn
+            conn._pool = None
             try:
+                lock.acquire()  # in the `try`: see getconn()
                 ticket = core.release(slot, monotonic())
                 cmds = core.out
                 if cmds:
@@ -660,13 +706,32 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 else:
                     cmds = _NO_COMMANDS  # see getconn(): never the core's own list
             finally:
-                lock.release()
+                try:
+                    lock.release()
+                except RuntimeError:  # see getconn()
+                    pass
             if ticket is not None:
                 ticket.wake()
             if cmds:
                 self._execute(cmds)
-            return True
-        return False
+        except BaseException:
+            self._put_back_anyway(slot, conn, ticket, cmds)
+            raise
+        return True
+
+    def _put_back_anyway(self, slot: Slot, conn: ACT, ticket: Any, cmds: list[Command]) -> None:
+        """Finish a `_put_back()` that something interrupted, from where it stopped."""
+        if ticket is _PENDING:  # not released yet
+            slot.conn = conn
+            conn._pool = None
+            self._release(slot)
+            return
+        with self._lock:
+            if cmds is self._core.out:  # stopped before taking the outbox
+                cmds = self._swap_out()
+        if ticket is not None:
+            ticket.wake()  # a second wake is a no-op
+        self._execute(cmds)  # what it had not carried out yet
 
     def _foreign(self, conn: Any, pool: Any) -> None:
         if pool is _FORKED:
@@ -687,6 +752,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
     async def _putconn_slow(self, conn: ACT) -> None:
         """The rest of putconn() for a connection that needs I/O (or closing)."""
         slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+        slot.conn = conn
+        conn._pool = None
         status = conn.pgconn.transaction_status
         if self._core.status != core_state.OPEN:
             self._discard(slot, None)  # closing it is all there is left to do
@@ -871,7 +938,10 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         return cmds
 
     def _execute(self, cmds: list[Command]) -> None:
-        for cmd in cmds:
+        # Consumed as carried out: if something interrupts this, what is left can
+        # still be executed, once (see _put_back_anyway()).
+        while cmds:
+            cmd = cmds.pop(0)
             kind = type(cmd)
             if kind is Wake:
                 cast(Wake, cmd).ticket.wake()
@@ -1001,7 +1071,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 if conn._pool is self:
                     conn._pool = _FORKED
         self._core = old.renewed()
-        self._lock = Lock()  # the parent's may have been held by a thread not copied here
+        self._lock = RLock()  # the parent's may have been held by a thread not copied here
         self._collected.clear()
         self._bg = None
         self._wakeup = AsyncWakeup()
@@ -1011,6 +1081,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
 
 _FORKED = "a pool of the parent process"
 _NO_COMMANDS: list[Command] = []  # only ever read
+_PENDING: Any = object()  # _put_back(): the core has not been told yet
 _live_pools: weakref.WeakSet[AsyncConnectionPool[Any]] = weakref.WeakSet()
 
 
@@ -1048,10 +1119,17 @@ class _AsyncConnectionContext(Generic[ACT]):
         self._timeout = timeout
 
     async def __aenter__(self) -> ACT:
-        self._conn = conn = await self._pool.getconn(self._timeout)
-        slot = conn._pool_slot  # type: ignore[attr-defined]
-        slot.lent_at = slot.taken_at  # usage_ms counts from the checkout
-        return conn
+        try:
+            self._conn = conn = await self._pool.getconn(self._timeout)
+            slot = conn._pool_slot  # type: ignore[attr-defined]
+            slot.lent_at = slot.taken_at  # usage_ms counts from the checkout
+            return conn
+        except BaseException:
+            # Interrupted after getconn(): the block will not run, nor __aexit__.
+            got: Any = getattr(self, "_conn", None)
+            if got is not None and got._pool is self._pool:
+                self._pool._give_back(got._pool_slot, got, "connections_lost")
+            raise
 
     async def __aexit__(
         self,
