@@ -402,9 +402,11 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         core = self._core
         slot: Slot | None = None
         ticket: AsyncWaiter = None  # type: ignore[assignment]  # bound once queued
-        # Whatever stops this call before the connection is handed over (an interrupt
-        # raised at any line, a worker that cannot start) must not keep the slot or
-        # the queued request: see _abandon(). The slow path takes care of its own.
+        taken_at = now  # when the slot was taken: see _abandon()
+        # Whatever stops this call before the connection is handed over (an exception
+        # from a signal handler, a worker that cannot start) must not keep the slot or
+        # the queued request: see _abandon(). The slow path gives back the slots it
+        # takes itself.
         lock = self._lock
         try:
             # acquire/release rather than `with`: 0.2 us cheaper per round. The acquire
@@ -436,40 +438,51 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 self._execute(cmds)
             if slot is None:
                 slot = await self._wait_ticket(ticket, res, now, limit, None)
-                slow = self._slow_lend or slot.taken_at - slot.idle_since > self._alive_after
+                taken_at = slot.taken_at
+                slow = self._slow_lend or taken_at - slot.idle_since > self._alive_after
             else:
                 slow = self._slow_lend or now - slot.idle_since > self._alive_after
-            if not slow:
-                conn: ACT = slot.conn
-                if info:
-                    logger.info("connection given by %r", self.name)
-                conn._pool = self
-                # While lent, the client holds the only strong reference (see _adopt()).
-                slot.conn = None
-                return conn
+            if slow:
+                return await self._getconn_slow(slot, now, timeout)
+            conn: ACT = slot.conn
+            if info:
+                logger.info("connection given by %r", self.name)
+            conn._pool = self
+            # While lent, the client holds the only strong reference (see _adopt()).
+            slot.conn = None
+            return conn
         except BaseException:
-            self._abandon(slot, ticket, now)
+            self._abandon(slot, ticket, taken_at, now)
             raise
-        return await self._getconn_slow(slot, now, timeout)
 
-    def _abandon(self, slot: Slot | None, ticket: AsyncWaiter | None, t0: float) -> None:
+    def _abandon(
+        self, slot: Slot | None, ticket: AsyncWaiter | None, taken_at: float, t0: float
+    ) -> None:
         """getconn() fails before handing its connection over: give back what it has.
 
-        `slot` is the one it took, `ticket` its queued request (whose grant may have
-        been accepted already). A slot still in use is this call's own: it is only
-        ever given away by returning its connection (see _AsyncConnectionContext).
+        `slot` is the one it took at `taken_at`, `ticket` its queued request (whose
+        grant may have been accepted already). A slot still in use since `taken_at`
+        is this call's own: given back (by the slow path) and lent again, it would
+        have been taken at another time.
         """
-        if slot is None and ticket is not None:
+        if slot is None:
+            if ticket is None:
+                return
             tstate = ticket.tstate
             if tstate == core_state.T_WAITING or tstate == core_state.T_GRANTED:
                 self._withdraw(ticket, t0)
                 return
-            if tstate == core_state.T_DONE:
-                slot = ticket.slot
-        if slot is None or slot.state != core_state.IN_USE:
-            return
-        # Interrupted between lending and returning: the connection is only weakly
-        # referenced by the slot, but still alive in the failing frame.
+            if tstate != core_state.T_DONE or ticket.slot is None:
+                return
+            slot = ticket.slot  # accepted, and handed nowhere since
+            taken_at = slot.taken_at
+        if slot.state == core_state.IN_USE and slot.taken_at == taken_at:
+            self._give_back_held(slot)
+
+    def _give_back_held(self, slot: Slot) -> None:
+        """Give back a slot taken by a client that is failing, lent or not."""
+        # Lent, the connection is only weakly referenced by the slot; it is still alive
+        # in the failing frame.
         conn = slot.conn if slot.conn is not None else slot.wref()
         if conn is not None:
             self._give_back(slot, conn, "connections_lost")
@@ -487,41 +500,46 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
 
     async def _getconn_slow(self, slot: Slot, t0: float, timeout: float | None) -> ACT:
         """Lend `slot` once it passes its check; on failure, ask again until the deadline."""
-        if timeout is None:
-            timeout = self.timeout
-        deadline = t0 + timeout
-        failures = 0
-        check_error: Exception | None = None
-        while True:
-            conn = self._lend(slot)
-            if self._check is None and slot.taken_at - slot.idle_since <= self._alive_after:
-                # Nothing to check (the common case after a wait): skip the call.
-                logger.info("connection given by %r", self.name)
-                return conn
-            # From here until it is returned, any exception gives the connection back.
-            try:
-                await self._check_before_lending(slot, conn, deadline)
-                logger.info("connection given by %r", self.name)
-                return conn
-            except Exception as ex:
-                logger.info("connection failed check: %s", error_text(ex))
-                check_error = ex
-                healthy = self._give_back(slot, conn, "connections_lost")
-                acheck_cancelled()
-            except BaseException:
-                self._give_back(slot, conn, "connections_lost")
-                raise
-            failures += 1
-            # A dead connection is replaced and the next one tried at once; only a check
-            # that fails on healthy connections (a broken callback) backs off.
-            if healthy and failures > 1:
-                remaining = deadline - monotonic()
-                delay = INITIAL_DELAY * DELAY_BACKOFF ** (failures - 2)
-                delay *= 1.0 + DELAY_JITTER * (2.0 * self._core.rng.random() - 1.0)
-                if delay >= remaining:
-                    raise self._timeout_error(timeout, check_error)
-                await asleep(delay)
-            slot = await self._wait_slot(t0, timeout, check_error)
+        # Whatever raises while a slot is held (not given back) gives it back.
+        holding = True
+        try:
+            if timeout is None:
+                timeout = self.timeout
+            deadline = t0 + timeout
+            failures = 0
+            check_error: Exception | None = None
+            while True:
+                conn = self._lend(slot)
+                if self._check is None and slot.taken_at - slot.idle_since <= self._alive_after:
+                    # Nothing to check (the common case after a wait): skip the call.
+                    logger.info("connection given by %r", self.name)
+                    return conn
+                try:
+                    await self._check_before_lending(slot, conn, deadline)
+                    logger.info("connection given by %r", self.name)
+                    return conn
+                except Exception as ex:
+                    logger.info("connection failed check: %s", error_text(ex))
+                    check_error = ex
+                    healthy = self._give_back(slot, conn, "connections_lost")
+                    holding = False
+                    acheck_cancelled()
+                failures += 1
+                # A dead connection is replaced and the next one tried at once; only a
+                # check that fails on healthy connections (a broken callback) backs off.
+                if healthy and failures > 1:
+                    remaining = deadline - monotonic()
+                    delay = INITIAL_DELAY * DELAY_BACKOFF ** (failures - 2)
+                    delay *= 1.0 + DELAY_JITTER * (2.0 * self._core.rng.random() - 1.0)
+                    if delay >= remaining:
+                        raise self._timeout_error(timeout, check_error)
+                    await asleep(delay)
+                slot = await self._wait_slot(t0, timeout, check_error)
+                holding = True
+        except BaseException:
+            if holding:
+                self._give_back_held(slot)
+            raise
 
     async def _check_before_lending(self, slot: Slot, conn: ACT, deadline: float) -> None:
         """Run the check the connection needs before it is lent; raise if it fails.
@@ -566,13 +584,17 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
     async def _wait_slot(self, t0: float, timeout: float, check_error: Exception | None) -> Slot:
         """Ask again after a failed check: queue, or connect inline (null pools)."""
         ticket = AsyncWaiter()
-        with self._lock:
-            now = monotonic()
-            # Past the deadline (checks took the time): an idle connection or nothing.
-            res = self._core.request(ticket, now, t0 + timeout > now)
-            cmds = self._swap_out()
-        self._execute(cmds)
-        return await self._wait_ticket(ticket, res, t0, timeout, check_error)
+        try:
+            with self._lock:
+                now = monotonic()
+                # Past the deadline (checks took the time): an idle connection or nothing.
+                res = self._core.request(ticket, now, t0 + timeout > now)
+                cmds = self._swap_out()
+            self._execute(cmds)
+            return await self._wait_ticket(ticket, res, t0, timeout, check_error)
+        except BaseException:
+            self._abandon(None, ticket, 0.0, t0)
+            raise
 
     async def _wait_ticket(
         self,
@@ -752,28 +774,45 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
     async def _putconn_slow(self, conn: ACT) -> None:
         """The rest of putconn() for a connection that needs I/O (or closing)."""
         slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
-        slot.conn = conn
-        conn._pool = None
-        status = conn.pgconn.transaction_status
-        if self._core.status != core_state.OPEN:
-            self._discard(slot, None)  # closing it is all there is left to do
-            return
-        if status == _UNKNOWN:
-            logger.warning("discarding closed connection: %s", conn)
-            self._discard(slot, "returns_bad")
-            self._sweep_idle(conn)
-            return
-        if self._null and not self._core.n_waiting:
-            # Nobody will reuse it: no point in rolling back a connection about to close.
-            self._discard(slot, None)
-            return
-        with self._lock:
-            self._core.begin_io(slot, monotonic())
-        if self._reset is not None:
-            assert self._bg is not None
-            self._bg.spawn(self._clean_job, slot, conn, "returns_bad")
-        else:
-            await self._clean_job(slot, conn, "returns_bad")
+        taken_at = slot.taken_at
+        spawned = False
+        # Once started, the return completes even if something raises on the way: a
+        # connection not cleaned yet is closed and replaced (see the except clause).
+        try:
+            slot.conn = conn
+            conn._pool = None
+            status = conn.pgconn.transaction_status
+            if self._core.status != core_state.OPEN:
+                self._discard(slot, None)  # closing it is all there is left to do
+                return
+            if status == _UNKNOWN:
+                logger.warning("discarding closed connection: %s", conn)
+                self._discard(slot, "returns_bad")
+                self._sweep_idle(conn)
+                return
+            if self._null and not self._core.n_waiting:
+                # Nobody will reuse it: no point in rolling back a connection about to close.
+                self._discard(slot, None)
+                return
+            with self._lock:
+                self._core.begin_io(slot, monotonic())
+            if self._reset is not None:
+                assert self._bg is not None
+                self._bg.spawn(self._clean_job, slot, conn, "returns_bad")
+                spawned = True
+            else:
+                await self._clean_job(slot, conn, "returns_bad")
+        except BaseException:
+            # Neither discarded nor cleaned (a clean job that ended released or
+            # discarded it; lent again, it would have been taken at another time).
+            state = slot.state
+            if (
+                not spawned
+                and slot.taken_at == taken_at
+                and (state == core_state.IN_USE or state == core_state.CHECKING)
+            ):
+                self._discard(slot, None)
+            raise
 
     def _give_back(self, slot: Slot, conn: ACT, counter: str) -> bool:
         """Return a connection from the getconn side, never awaiting.
@@ -845,12 +884,21 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         self._execute(cmds)
 
     def _release(self, slot: Slot) -> None:
-        with self._lock:
-            ticket = self._core.release(slot, monotonic())
-            cmds = self._swap_out()
-        if ticket is not None:
-            ticket.wake()
-        self._execute(cmds)
+        ticket = None
+        cmds = _NO_COMMANDS
+        try:
+            with self._lock:
+                ticket = self._core.release(slot, monotonic())
+                cmds = self._swap_out()
+            if ticket is not None:
+                ticket.wake()
+            self._execute(cmds)
+        except BaseException:
+            # Released: its waiter must still be woken, and the commands carried out.
+            if ticket is not None:
+                ticket.wake()
+            self._execute(cmds)
+            raise
 
     def _discard(self, slot: Slot, counter: str | None) -> None:
         with self._lock:
@@ -939,9 +987,10 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
 
     def _execute(self, cmds: list[Command]) -> None:
         # Consumed as carried out: if something interrupts this, what is left can
-        # still be executed, once (see _put_back_anyway()).
+        # still be executed (see _put_back_anyway()). A command is dropped once it
+        # is done: one interrupted as it started is done again.
         while cmds:
-            cmd = cmds.pop(0)
+            cmd = cmds[0]
             kind = type(cmd)
             if kind is Wake:
                 cast(Wake, cmd).ticket.wake()
@@ -963,6 +1012,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 self._spawn(self.reconnect_failed)
             elif kind is LeakSuspected:
                 self._report_leak(cast(LeakSuspected, cmd).slot)
+            del cmds[0]
 
     def _spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         bg = self._bg

@@ -31,7 +31,7 @@ from psycopg_pool import ConnectionPool
 from psycopg_pool._acompat import Waiter
 from psycopg_pool.pool import _ConnectionContext
 
-from .fakes import Fakes, Interrupt
+from .fakes import INTRANS, Fakes, Interrupt
 from .harness import PATIENCE, Ledger, pool_for, problems
 from .sharness import reached, until
 
@@ -41,6 +41,14 @@ HOT_PATH: list[Callable[..., Any]] = [
     ConnectionPool._wait_ticket,
     ConnectionPool.putconn,
     ConnectionPool._put_back,
+    # The slow paths: a check before lending, a return that needs a rollback or reset.
+    ConnectionPool._getconn_slow,
+    ConnectionPool._lend,
+    ConnectionPool._check_before_lending,
+    ConnectionPool._putconn_slow,
+    ConnectionPool._clean_job,
+    ConnectionPool._release,
+    ConnectionPool._execute,
     _ConnectionContext.__enter__,
     _ConnectionContext.__exit__,
     Waiter.wait,
@@ -70,7 +78,15 @@ class Injector:
 
     def tracer(self, frame: FrameType, event: str, arg: Any) -> Any:
         self.started += 1
-        if self.where is not None or frame.f_code not in CODES:
+        if self.where is not None:
+            return None
+        if frame.f_code not in CODES:
+            caller = frame.f_back
+            if caller is not None and caller.f_code in CODES:
+                # A function the hot path calls (the core's, logging's): one that
+                # raises as it starts stands for one interrupted anywhere before it
+                # changed anything.
+                self._place(frame, "as it starts")
             return None
         frame.f_trace_opcodes = True
         self._place(frame, "as it starts")
@@ -102,10 +118,11 @@ class Injector:
 class Run:
     """One client's checkout and return, interrupted at line k."""
 
-    def __init__(self, api: str, setup: str, k: int) -> None:
-        self.api, self.setup = api, setup
+    def __init__(self, api: str, setup: str, k: int, slow: str = "") -> None:
+        self.api, self.setup, self.slow = api, setup, slow
         self.fakes = Fakes(asynchronous=False)
-        self.pool = pool_for(self.fakes, min_size=1, max_size=1)
+        callbacks = (slow,) if slow in ("check", "reset") else ()
+        self.pool = pool_for(self.fakes, min_size=1, max_size=1, callbacks=callbacks)
         self.inj = Injector(k)
         self.conn: Any = None  # what the client got (getconn)
         self.ctx: Any = None  # its context (connection())
@@ -123,6 +140,8 @@ class Run:
                 self.conn = self.pool.getconn()
                 self.got.set()
                 self.waiter_queued.wait(PATIENCE)
+                if self.slow == "dirty":
+                    self.conn.pgconn.transaction_status = INTRANS  # needs a rollback
                 self.pool.putconn(self.conn)
             else:
                 self.ctx = self.pool.connection()
@@ -202,8 +221,10 @@ class Run:
             pytest.fail("the pool's books disagree:\n  " + "\n  ".join(last))
         stats = pool.get_stats()
         assert stats.get("connections_lost", 0) == 0, f"{self.inj.where}: {stats}"
-        assert self.fakes.closed == 0, f"{self.inj.where}: a connection was closed"
-        assert self.fakes.opened == 1, f"{self.inj.where}: {self.fakes.opened} opened"
+        if not self.slow:
+            assert self.fakes.closed == 0, f"{self.inj.where}: a connection was closed"
+        # (Interrupted, a rollback leaves the connection in doubt: it is replaced.)
+        assert self.fakes.opened == 1 + self.fakes.closed, f"{self.inj.where}"
         conn = pool.getconn(timeout=PATIENCE)
         pool.putconn(conn)
 
@@ -218,17 +239,26 @@ def runs() -> Iterator[list[Run]]:
 
 
 @pytest.mark.parametrize("setup", ["idle", "queued", "waiter"])
-@pytest.mark.parametrize("api", ["getconn", "connection"])
-def test_interrupted_anywhere(api: str, setup: str, runs: list[Run]) -> None:
+@pytest.mark.parametrize(
+    "api, slow",
+    [
+        ("getconn", ""),
+        ("connection", ""),
+        ("getconn", "check"),  # a check callback before lending
+        ("getconn", "dirty"),  # returned in a transaction: rolled back
+        ("getconn", "reset"),  # a reset callback (in a worker)
+    ],
+)
+def test_interrupted_anywhere(api: str, slow: str, setup: str, runs: list[Run]) -> None:
     places: set[tuple[str, int, str]] = set()
     for k in range(1, 500):
-        run = Run(api, setup, k)
+        run = Run(api, setup, k, slow)
         runs.append(run)
-        run.play()
-        if not run.inj.fired:
-            break
-        assert run.error is not None
         try:
+            run.play()
+            if not run.inj.fired:
+                break
+            assert run.error is not None
             run.check()
         except BaseException as ex:
             raise AssertionError(f"interrupted at {run.inj.where}: {ex}") from ex
