@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -475,6 +476,10 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             if tstate != core_state.T_DONE or ticket.slot is None:
                 return
             slot = ticket.slot  # accepted, and handed nowhere since
+            if slot.inline and slot.state == core_state.CONNECTING:
+                # A null pool's place to connect in, stopped before the attempt began.
+                self._inline_failed(slot, False, sys.exc_info()[1])
+                return
             taken_at = slot.taken_at
         if slot.state == core_state.IN_USE and slot.taken_at == taken_at:
             self._give_back_held(slot)
@@ -664,26 +669,36 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         """Null pools: the caller opens its own connection, bounded by its deadline."""
         slot = ticket.slot
         assert slot is not None
-        timeout = max(round(deadline - monotonic()), 1)
-        attempt = connector.AsyncConnectAttempt()
+        attempt: connector.AsyncConnectAttempt | None = None
+        conn: ACT | None = None
         try:
+            timeout = max(round(deadline - monotonic()), 1)
+            attempt = connector.AsyncConnectAttempt()
             conn = await attempt.run(self, {"connect_timeout": timeout})
-        except BaseException as ex:
+            self._adopt(slot, conn)
             with self._lock:
-                self._core.connect_failed(slot, monotonic(), attempt.connect_failed, ex)
+                self._core.connected(slot, conn, monotonic(), attempt.ms)
                 cmds = self._swap_out()
             self._execute(cmds)
+        except BaseException as ex:
+            if slot.state == core_state.CONNECTING:  # failed, or stopped before connected()
+                self._inline_failed(slot, attempt is not None and attempt.connect_failed, ex)
+                if conn is not None:  # opened all the same: close it in the background
+                    slot.conn = conn
+                    self._spawn(self._close_job, slot)
             if isinstance(ex, ConnectionTimeout):
                 raise PoolTimeout(str(ex)) from None
             raise
-        self._adopt(slot, conn)
-        with self._lock:
-            self._core.connected(slot, conn, monotonic(), attempt.ms)
-            cmds = self._swap_out()
-        self._execute(cmds)
         if slot.state != core_state.IN_USE:  # the pool was closed meanwhile
             raise PoolClosed(f"the pool {self.name!r} is already closed")
         return slot
+
+    def _inline_failed(self, slot: Slot, counted: bool, cause: BaseException | None) -> None:
+        """A null pool's client did not get its own connection: free its place."""
+        with self._lock:
+            self._core.connect_failed(slot, monotonic(), counted, cause)
+            cmds = self._swap_out()
+        self._execute(cmds)
 
     # ------------------------------------------------------------------
     # Taking connections back
