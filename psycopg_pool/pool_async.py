@@ -725,6 +725,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         if conn.pgconn.transaction_status != _IDLE or self._reset is not None:
             return False
         slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+        taken_at = slot.taken_at
         core = self._core
         lock = self._lock
         ticket: Any = _PENDING
@@ -752,20 +753,27 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             if cmds:
                 self._execute(cmds)
         except BaseException:
-            self._put_back_anyway(slot, conn, ticket, cmds)
+            self._put_back_anyway(slot, conn, taken_at, ticket, cmds)
             raise
         return True
 
-    def _put_back_anyway(self, slot: Slot, conn: ACT, ticket: Any, cmds: list[Command]) -> None:
+    def _put_back_anyway(
+        self, slot: Slot, conn: ACT, taken_at: float, ticket: Any, cmds: list[Command]
+    ) -> None:
         """Finish a `_put_back()` that something interrupted, from where it stopped."""
-        if ticket is _PENDING:  # not released yet
-            slot.conn = conn
-            conn._pool = None
-            self._release(slot)
-            return
         with self._lock:
-            if cmds is self._core.out:  # stopped before taking the outbox
-                cmds = self._swap_out()
+            if ticket is _PENDING:  # release() did not return: how far did it get?
+                if slot.state == core_state.IN_USE and slot.taken_at == taken_at:
+                    # Not released (in use since this client took it): release it now.
+                    slot.conn = conn
+                    conn._pool = None
+                    ticket = self._core.release(slot, monotonic())
+                elif slot.state == core_state.GRANTED:
+                    ticket = slot.ticket  # released to a waiter not woken yet
+                else:
+                    ticket = None  # released (and maybe lent again since)
+            # (Stopped before taking the outbox, `cmds` is the core's own list.)
+            cmds = self._swap_out() if cmds is self._core.out else cmds + self._swap_out()
         if ticket is not None:
             ticket.wake()  # a second wake is a no-op
         self._execute(cmds)  # what it had not carried out yet

@@ -279,13 +279,22 @@ class PoolCore:
         self.requests_num += 1
         idle = self.idle
         while idle:
-            slot = idle.popleft()
+            # A signal handler's exception surfaces as a C call returns, so none is
+            # made once the slot is out of `idle` (len() first), and one raised as
+            # popleft() returns is undone: the slot must not end up nowhere.
+            slot = idle[0]
+            left = len(idle) - 1
+            try:
+                idle.popleft()
+            except BaseException:
+                idle.appendleft(slot)
+                raise
             if slot.expire_at > now:
                 slot.state = IN_USE
                 slot.taken_at = now
                 self.n_busy += 1
-                if len(idle) < self.min_idle_seen:
-                    self.min_idle_seen = len(idle)
+                if left < self.min_idle_seen:
+                    self.min_idle_seen = left
                 return slot
             self._close(slot)
             self._log_info("discarding expired connection %s", slot.id)
@@ -406,25 +415,41 @@ class PoolCore:
         """A connection comes back healthy (from a client or from a check/reset).
 
         Returns the ticket to wake if the connection went straight to a waiter.
+
+        An exception raised in the middle of the common cases (by a signal handler,
+        as a function starts or a C call returns) leaves the slot either still in
+        use, with only the usage counted, or released: the shell tells which by the
+        slot's state and finishes the job (see the shells' `_put_back_anyway()`).
+        So the counters change only after the last such place.
         """
-        if slot.state == IN_USE:
-            self.n_busy -= 1
-        else:
-            self.n_checking -= 1
         if slot.lent_at:
             self._usage(slot, now)
+        busy = slot.state == IN_USE
         if slot.generation == self.generation and slot.expire_at > now:
             # The common cases, inlined. (A slot of the current generation implies an
             # open pool: close() starts a new generation.)
             if self.n_waiting:
-                return self._grant(slot, now)  # under load: every return
+                t = self._grant(slot, now)  # under load: every return; counts it busy
+                if busy:
+                    self.n_busy -= 1
+                else:
+                    self.n_checking -= 1
+                return t
             if not self.null:
+                if busy:
+                    self.n_busy -= 1
+                else:
+                    self.n_checking -= 1
                 slot.state = IDLE
                 slot.idle_since = now
                 self.idle.append(slot)
                 if slot.expire_at < self.sleep_until or self.ready_waiters:
                     self._after_idle(slot)
                 return None
+        if busy:
+            self.n_busy -= 1
+        else:
+            self.n_checking -= 1
         return self._recycle(slot, now)
 
     def _recycle(self, slot: Slot, now: float) -> Ticket | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 
 import pytest
 
@@ -833,4 +834,53 @@ def test_abandoned_attempts_after_close_are_closed() -> None:
     h.connect_ok(old)
     assert old.state == st.CLOSED and old not in h.core.live
     assert h.core.n_abandoned == 0
+    h.check()
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+class _InterruptedDeque(deque[Slot]):
+    """A deque whose popleft() is interrupted as it returns, as by a signal handler."""
+
+    def popleft(self) -> Slot:
+        super().popleft()
+        raise _Interrupt
+
+
+def test_take_puts_back_a_slot_whose_popleft_was_interrupted() -> None:
+    h = filled(2, min_size=2, max_size=2)
+    before = list(h.core.idle)
+    h.core.idle = _InterruptedDeque(before)
+    with pytest.raises(_Interrupt):
+        h.core.take(h.now)
+    assert list(h.core.idle) == before  # not lost, and still first in line
+    assert h.core.n_busy == 0
+    h.core.idle = deque(h.core.idle)
+    h.check()
+
+
+def test_a_connection_cleaned_after_its_return_serves_the_waiter() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    slot = h.held[0]
+    h.putconn_dirty(slot)
+    _, t = h.getconn()  # the only connection is being rolled back
+    assert t is not None and t.tstate == st.T_WAITING
+    h.io_done(slot, True)
+    assert h.granted == [t]
+    assert (h.core.n_checking, h.core.n_busy) == (0, 1)
+    h.check()
+
+
+def test_a_connection_cleaned_past_its_lifetime_is_replaced() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    slot = h.held[0]
+    h.putconn_dirty(slot)
+    h.now = slot.expire_at + 1.0
+    h.io_done(slot, True)
+    assert slot.state == st.CLOSED
+    assert (h.core.n_checking, h.core.n_busy) == (0, 0)
     h.check()
