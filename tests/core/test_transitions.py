@@ -861,11 +861,17 @@ def test_take_puts_back_a_slot_whose_popleft_was_interrupted() -> None:
     h.check()
 
 
-def test_a_connection_cleaned_after_its_return_serves_the_waiter() -> None:
+def _rolling_back() -> tuple[Harness, Slot]:
+    """A pool of one connection, returned in a transaction: being rolled back."""
     h = filled(1, min_size=1, max_size=1)
     h.getconn()
     slot = h.held[0]
     h.putconn_dirty(slot)
+    return h, slot
+
+
+def test_a_connection_cleaned_after_its_return_serves_the_waiter() -> None:
+    h, slot = _rolling_back()
     _, t = h.getconn()  # the only connection is being rolled back
     assert t is not None and t.tstate == st.T_WAITING
     h.io_done(slot, True)
@@ -875,10 +881,7 @@ def test_a_connection_cleaned_after_its_return_serves_the_waiter() -> None:
 
 
 def test_a_connection_cleaned_past_its_lifetime_is_replaced() -> None:
-    h = filled(1, min_size=1, max_size=1)
-    h.getconn()
-    slot = h.held[0]
-    h.putconn_dirty(slot)
+    h, slot = _rolling_back()
     h.now = slot.expire_at + 1.0
     h.io_done(slot, True)
     assert slot.state == st.CLOSED
