@@ -732,8 +732,8 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         lock = self._lock
         ticket: Any = _PENDING
         cmds = _NO_COMMANDS
-        # Once started, the return completes even if something raises on the way
-        # (an interrupt at any line): see _put_back_anyway().
+        # Once started, the return completes even if something raises on the way (a
+        # signal handler's exception, as a call returns): see _put_back_anyway().
         try:
             slot.conn = conn
             conn._pool = None

@@ -730,8 +730,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         lock = self._lock
         ticket: Any = _PENDING
         cmds = _NO_COMMANDS
-        # Once started, the return completes even if something raises on the way
-        # (an interrupt at any line): see _put_back_anyway().
+        # Once started, the return completes even if something raises on the way (a
+        # signal handler's exception, as a call returns): see _put_back_anyway().
         try:
             slot.conn = conn
             conn._pool = None
