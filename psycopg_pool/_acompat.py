@@ -18,14 +18,14 @@ import sys
 import threading
 import time
 import warnings
-from collections import deque
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from queue import Empty, SimpleQueue
 from typing import Any, ClassVar
 
 from psycopg import AsyncConnection, Connection
 
-from ._core.state import T_NEW, Ticket
+from ._core.state import INF, T_NEW, T_WAITING, Ticket
 
 logger = logging.getLogger("psycopg.pool")
 
@@ -71,32 +71,33 @@ class AsyncWaiter(Ticket):
     races with the result and hand the caller a connection it will never return.
     """
 
-    __slots__ = ("fut",)
+    __slots__ = ("deadline", "fut")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
         # Ticket.__init__ inlined: one of these is made per queued request.
         self.slot = None
         self.error = None
         self.tstate = T_NEW
+        # Set before the ticket is queued: the shared timer reads it (AsyncDeadlines).
+        self.deadline = deadline
         self.fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
     def wake(self) -> None:
         if not self.fut.done():
             self.fut.set_result(True)
 
-    def wait(self, deadline: float, deadlines: AsyncDeadlines | None = None) -> Awaitable[bool]:
-        """Awaits True if woken, False at `deadline` (monotonic); cancellation propagates.
+    def wait(self, deadlines: AsyncDeadlines | None = None) -> Awaitable[bool]:
+        """Awaits True if woken, False at the deadline; cancellation propagates.
 
         Not a coroutine: in the usual case the caller awaits the future itself,
-        which saves a coroutine frame per hand-off. A shared timer takes the
-        deadline as it is, with no clock read (one already past fires at once).
+        which saves a coroutine frame per hand-off.
         """
         fut = self.fut
         if fut.done():
             return fut
-        if deadlines is not None and deadlines.add(fut, deadline):
+        if deadlines is not None and deadlines.add(self.deadline):
             return fut
-        timeout = deadline - time.monotonic()
+        timeout = self.deadline - time.monotonic()
         if timeout <= 0:
             return _false()
         return _wait_own_timer(fut, timeout)
@@ -115,56 +116,69 @@ async def _wait_own_timer(fut: asyncio.Future[bool], timeout: float) -> bool:
 
 
 class AsyncDeadlines:
-    """One timer for the waiting clients of a pool, rather than one each.
+    """One timer for the queued clients of a pool, rather than one each.
 
     A timer per waiter costs more than the rest of a hand-off when hundreds of
     tasks queue for a few connections (the loop's timer heap compares handles in
-    Python). Clients queue first come, first served, and with the same timeout
-    their deadlines come in order: they are kept in a deque, the timer is set for
-    the oldest one still waiting, and entries whose client was served are dropped
-    from the front as new ones arrive. A deadline out of order (a shorter timeout
-    than the clients before) is refused, and that waiter uses a timer of its own.
+    Python). The pool's queue already holds its clients in arrival order, and with
+    the same timeout their deadlines come in that order too. So no list of its own
+    is kept: the timer is set for the oldest deadline; when it fires, the clients
+    at the front of the pool's queue whose deadline has passed are woken (to time
+    out), up to the first one still in time, and the timer is set for that one.
+    A deadline earlier than the last one accepted is refused, and that client uses
+    a timer of its own: the scan, which stops at the first client still in time,
+    might not reach it.
     """
 
-    __slots__ = ("_at", "_handle", "_queue")
+    __slots__ = ("_handle", "_last", "_pool")
 
-    def __init__(self) -> None:
-        self._queue: deque[tuple[float, asyncio.Future[bool]]] = deque()
+    def __init__(self, pool: weakref.ref[Any]) -> None:
+        # Weak: an armed timer must not keep a pool alive.
+        self._pool = pool
         self._handle: asyncio.TimerHandle | None = None
-        self._at = float("inf")
+        self._last = -INF
 
-    def add(self, fut: asyncio.Future[bool], deadline: float) -> bool:
-        queue = self._queue
-        while queue and queue[0][1].done():
-            queue.popleft()
-        if queue and deadline < queue[-1][0]:
+    def add(self, deadline: float) -> bool:
+        if deadline < self._last:
             return False
-        queue.append((deadline, fut))
-        if deadline < self._at:
-            self._arm(fut.get_loop(), queue[0][0])
+        self._last = deadline
+        if self._handle is None:
+            self._arm(deadline)
         return True
 
-    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        self._at = at
-        self._handle = loop.call_later(max(0.0, at - time.monotonic()), self._fire, loop)
+    def _arm(self, at: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_later(max(0.0, at - time.monotonic()), self._fire)
 
-    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _fire(self) -> None:
         self._handle = None
-        self._at = float("inf")
+        pool = self._pool()
+        if pool is None:
+            return
         now = time.monotonic()
-        queue = self._queue
-        while queue and (queue[0][1].done() or queue[0][0] <= now):
-            fut = queue.popleft()[1]
-            if not fut.done():
-                fut.set_result(False)
-        if queue:
-            self._arm(loop, queue[0][0])
+        late: list[AsyncWaiter] = []
+        at = INF
+        with pool._lock:
+            for ticket in pool._core.queue:
+                if ticket.tstate != T_WAITING:
+                    continue  # served or gone; the pool drops it in time
+                if ticket.deadline > now:
+                    at = ticket.deadline
+                    break
+                late.append(ticket)
+        for ticket in late:
+            _expire(ticket.fut)
+        if at == INF:
+            self._last = -INF  # nobody waits: any deadline is in order again
+        else:
+            self._arm(at)
 
 
 class Deadlines:
     """Threads wait on a lock with a timeout of their own: nothing to share."""
+
+    def __init__(self, pool: weakref.ref[Any]) -> None:
+        pass
 
 
 def _expire(fut: asyncio.Future[bool]) -> None:
@@ -175,10 +189,11 @@ def _expire(fut: asyncio.Future[bool]) -> None:
 class Waiter(Ticket):
     """A ticket woken by releasing a lock its waiting thread tries to acquire."""
 
-    __slots__ = ("lock",)
+    __slots__ = ("deadline", "lock")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
         super().__init__()
+        self.deadline = deadline
         self.lock = threading.Lock()
         self.lock.acquire()
 
@@ -188,8 +203,8 @@ class Waiter(Ticket):
         except RuntimeError:  # already released: the core wakes a ticket once
             pass
 
-    def wait(self, deadline: float, deadlines: Deadlines | None = None) -> bool:
-        timeout = deadline - time.monotonic()
+    def wait(self, deadlines: Deadlines | None = None) -> bool:
+        timeout = self.deadline - time.monotonic()
         if timeout <= 0:
             return self.lock.acquire(blocking=False)
         return self.lock.acquire(timeout=timeout)

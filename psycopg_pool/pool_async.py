@@ -191,7 +191,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         self._lock = RLock()
         self._bg: AsyncBackground | None = None
         self._wakeup = AsyncWakeup()
-        self._deadlines = AsyncDeadlines()
+        self._deadlines = AsyncDeadlines(weakref.ref(self))
         self._watchdog = AsyncWatchdog()
         self._stopping = False
         self._open_implicit = False
@@ -283,7 +283,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             self._bg = bg
             self._stopping = False
             self._wakeup = wakeup = AsyncWakeup()
-            self._deadlines = AsyncDeadlines()
+            self._deadlines = AsyncDeadlines(weakref.ref(self))
             core.open(monotonic())
             cmds = self._swap_out()
         bg.daemon(f"{self.name}-scheduler", _housekeeper, weakref.ref(self), wakeup)
@@ -340,7 +340,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             self._warn_implicit()
         self._check_open()
         logger.info("waiting for pool %r initialization", self.name)
-        ticket = AsyncWaiter()
+        ticket = AsyncWaiter(monotonic() + timeout)
         with self._lock:
             ready = self._core.wait_ready(ticket, monotonic())
             cmds = self._swap_out()
@@ -349,7 +349,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             woken = False
             if ticket.tstate != core_state.T_FAILED:  # else it failed already: no waiting
                 try:
-                    woken = await ticket.wait(monotonic() + timeout)
+                    woken = await ticket.wait()
                 finally:
                     with self._lock:
                         self._core.withdraw_ready(ticket)
@@ -420,7 +420,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 if slot is None:
                     # Under load, the usual case: queue in the same lock round.
                     timeout = limit = self.timeout if timeout is None else timeout
-                    ticket = AsyncWaiter()
+                    ticket = AsyncWaiter(now + limit)
                     res = core.request(ticket, now, limit > 0)
                 # Take the outbox only if it has something: an empty one stays the
                 # core's, and must not be looked at once the lock is released (another
@@ -438,8 +438,18 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             if cmds:
                 self._execute(cmds)
             if slot is None:
-                slot = await self._wait_ticket(ticket, res, now, limit, None)
-                taken_at = slot.taken_at
+                # Queued, the usual case under load, is waited for in this frame; the
+                # rest (not queued, timed out, failed) below.
+                if res == _QUEUED and await ticket.wait(self._deadlines):
+                    # Known before accept() makes it the slot's: see _abandon().
+                    taken_at = monotonic()
+                    with lock:
+                        slot = core.accept(ticket, taken_at, int(1000.0 * (taken_at - now)))
+                    if slot is None:
+                        raise self._not_served(ticket, limit)
+                else:
+                    slot = await self._wait_ticket(ticket, res, now, limit, None)
+                    taken_at = slot.taken_at
                 slow = self._slow_lend or taken_at - slot.idle_since > self._alive_after
             else:
                 slow = self._slow_lend or now - slot.idle_since > self._alive_after
@@ -588,7 +598,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
 
     async def _wait_slot(self, t0: float, timeout: float, check_error: Exception | None) -> Slot:
         """Ask again after a failed check: queue, or connect inline (null pools)."""
-        ticket = AsyncWaiter()
+        ticket = AsyncWaiter(t0 + timeout)
         try:
             with self._lock:
                 now = monotonic()
@@ -609,23 +619,21 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         timeout: float,
         check_error: Exception | None,
     ) -> Slot:
-        """Wait for the outcome of a request that take() could not serve."""
-        deadline = t0 + timeout
-        if res != core_state.QUEUED:
-            return await self._not_queued(res, ticket, deadline, timeout, check_error)
-        core = self._core
-        # Queued: the common case under load, kept in this one frame.
+        """Wait for the outcome of a request that take() could not serve.
+
+        Also where getconn() ends a wait of its own that timed out: `wait()` then
+        returns at once.
+        """
+        if res != _QUEUED:
+            return await self._not_queued(res, ticket, timeout, check_error)
         try:
-            woken = await ticket.wait(deadline, self._deadlines)
-            if woken:
+            if await ticket.wait(self._deadlines):
                 now = monotonic()
                 with self._lock:
-                    slot = core.accept(ticket, now, int(1000.0 * (now - t0)))
+                    slot = self._core.accept(ticket, now, int(1000.0 * (now - t0)))
                 if slot is not None:
                     return slot
-                if ticket.error is not None and ticket.error.kind == core_state.F_CONNECT:
-                    raise self._connect_error(ticket, timeout)
-                raise PoolClosed(f"the pool {self.name!r} is closed")
+                raise self._not_served(ticket, timeout)
         except BaseException:
             if ticket.tstate != core_state.T_DONE and ticket.tstate != core_state.T_FAILED:
                 self._withdraw(ticket, t0)
@@ -633,13 +641,14 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         self._withdraw(ticket, t0)
         raise self._timeout_error(timeout, check_error)
 
+    def _not_served(self, ticket: AsyncWaiter, timeout: float) -> Exception:
+        """What a woken client gets whose request failed instead of being served."""
+        if ticket.error is not None and ticket.error.kind == core_state.F_CONNECT:
+            return self._connect_error(ticket, timeout)
+        return PoolClosed(f"the pool {self.name!r} is closed")
+
     async def _not_queued(
-        self,
-        res: int,
-        ticket: AsyncWaiter,
-        deadline: float,
-        timeout: float,
-        check_error: Exception | None,
+        self, res: int, ticket: AsyncWaiter, timeout: float, check_error: Exception | None
     ) -> Slot:
         """The other outcomes of a request that take() could not serve."""
         if res == core_state.GOT:
@@ -648,7 +657,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         if res == core_state.FAILING:
             raise self._connect_error(ticket, timeout)
         if res == core_state.INLINE:
-            return await self._connect_inline(ticket, deadline)
+            return await self._connect_inline(ticket, ticket.deadline)
         if res == core_state.TOO_MANY:
             raise TooManyRequests(
                 f"the pool {self.name!r} has already {self._core.n_waiting} requests waiting"
@@ -1154,6 +1163,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
 
 _FORKED = "a pool of the parent process"
 _NO_COMMANDS: list[Command] = []  # only ever read
+_QUEUED = core_state.QUEUED
 _PENDING: Any = object()  # _put_back(): the core has not been told yet
 _live_pools: weakref.WeakSet[AsyncConnectionPool[Any]] = weakref.WeakSet()
 

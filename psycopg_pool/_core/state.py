@@ -370,7 +370,8 @@ class PoolCore:
         if self.samples is not None:
             self.sample("wait", wait_ms / 1000.0)
         self.requests_wait_ms += wait_ms
-        self.touched.add("requests_wait_ms")
+        if not wait_ms:  # else the total shows it was counted
+            self.touched.add("requests_wait_ms")
         if ticket.tstate == T_GRANTED:
             slot = ticket.slot
             assert slot is not None

@@ -64,6 +64,23 @@ def test_waiters_are_served_first_come_first_served() -> None:
     h.check()
 
 
+def test_the_wait_of_a_served_waiter_is_counted_even_when_it_is_zero() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    _, t1 = h.getconn()
+    _, t2 = h.getconn()
+    assert t1 and t2
+    assert "requests_wait_ms" not in snapshot(h.core)
+    h.putconn(h.held[0])
+    assert h.core.accept(t1, h.now, 0) is not None
+    assert snapshot(h.core)["requests_wait_ms"] == 0  # shown once counted, even as 0
+    slot = t1.slot
+    assert slot is not None
+    h.core.release(slot, h.now)
+    assert h.core.accept(t2, h.now, 7) is not None
+    assert snapshot(h.core)["requests_wait_ms"] == 7
+
+
 def test_a_withdrawn_waiter_leaves_the_queue_at_once() -> None:
     h = filled(1, min_size=1, max_size=1)
     h.getconn()

@@ -351,6 +351,43 @@ async def test_cancelled_waiter_loses_no_connection(dsn: str, when: str) -> None
 
 
 @run_async
+async def test_each_waiter_times_out_at_its_own_deadline(dsn: str) -> None:
+    """Queued clients share one timer while their deadlines come in order; a client
+    with a shorter timeout than one queued before it keeps a timer of its own. Either
+    way each one times out at its own deadline and not before, and the timer steps
+    over a client that was served meanwhile."""
+    timeouts = [0.8, 0.2, 1.2, 0.5, 0.8, 0.6]  # in order of arrival
+    async with async_pool(dsn, min_size=1, max_size=1) as pool:
+        held = await pool.getconn()
+        loop = asyncio.get_running_loop()
+        ended: list[tuple[float, int]] = []
+        kept: list[Any] = []
+
+        async def client(i: int) -> None:
+            t0 = loop.time()
+            try:
+                kept.append(await pool.getconn(timeout=timeouts[i]))
+                ended.append((-1.0, i))  # served, and keeps the connection
+            except PoolTimeout:
+                ended.append((loop.time() - t0, i))
+
+        waiters = []
+        for i in range(len(timeouts)):
+            waiters.append(asyncio.create_task(client(i)))
+            await await_stat(pool, "requests_waiting", i + 1)
+        last = asyncio.create_task(pool.getconn(timeout=10.0))
+        await await_stat(pool, "requests_waiting", len(timeouts) + 1)
+        await pool.putconn(held)  # to the first client, at the front of the shared timer
+        await asyncio.gather(*waiters)
+        assert [i for _, i in ended] == [0, 1, 3, 5, 4, 2], ended  # the rest by deadline
+        for waited, i in ended[1:]:
+            assert waited >= timeouts[i], (i, waited)
+        await pool.putconn(kept[0])
+        await pool.putconn(await last)  # still queued after the others timed out
+        assert pool_stat(pool, "requests_errors") == len(timeouts) - 1
+
+
+@run_async
 async def test_cancelling_all_waiters(dsn: str) -> None:
     async with async_pool(dsn, min_size=2) as pool:
         held = [await pool.getconn() for _ in range(2)]
