@@ -124,7 +124,7 @@ def _ablate(pool: Any, parts: list[str]) -> None:
     if "deadlines" in parts:
         from psycopg_pool import _acompat
 
-        def add(self: Any, fut: Any, deadline: float) -> bool:
+        def add(self: Any, deadline: float) -> bool:
             return True
 
         _acompat.AsyncDeadlines.add = add  # type: ignore[method-assign]
