@@ -71,7 +71,7 @@ class AsyncWaiter(Ticket):
     races with the result and hand the caller a connection it will never return.
     """
 
-    __slots__ = ("deadline", "fut")
+    __slots__ = ("fut",)
 
     def __init__(self, deadline: float) -> None:
         # Ticket.__init__ inlined: one of these is made per queued request.
@@ -189,11 +189,10 @@ def _expire(fut: asyncio.Future[bool]) -> None:
 class Waiter(Ticket):
     """A ticket woken by releasing a lock its waiting thread tries to acquire."""
 
-    __slots__ = ("deadline", "lock")
+    __slots__ = ("lock",)
 
     def __init__(self, deadline: float) -> None:
-        super().__init__()
-        self.deadline = deadline
+        super().__init__(deadline)
         self.lock = threading.Lock()
         self.lock.acquire()
 

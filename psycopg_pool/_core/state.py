@@ -182,12 +182,14 @@ class Failure:
 class Ticket:
     """A waiting client. The shells subclass it to add their wake-up primitive."""
 
-    __slots__ = ("error", "slot", "tstate")
+    __slots__ = ("deadline", "error", "slot", "tstate")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float = INF) -> None:
         self.slot: Slot | None = None
         self.error: Failure | None = None
         self.tstate = T_NEW
+        # When the client gives up (monotonic): set by the shells, which time it out.
+        self.deadline = deadline
 
     def wake(self) -> None:
         """Overridden by the shells; the core never calls it."""
