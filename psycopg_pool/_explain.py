@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Iterable
 from typing import Any
 
-from ._core.state import IN_USE, STUCK_AFTER, PoolCore, Slot
+from ._core.state import CHECKING, CONNECTING, IDLE, IN_USE, STUCK_AFTER, PoolCore, Slot
 
 _SECRET_KV = re.compile(
     r"""(?ix)
@@ -101,8 +101,8 @@ def state_line(name: str, core: PoolCore) -> str:
     counts = core.counts()
     return (
         f"[pool {name!r}: size {len(core.live)}/{core.max_size or 'unlimited'},"
-        f" idle {counts[1]}, in use {counts[3] + counts[2]}, connecting {counts[0]},"
-        f" checking {counts[4]}, waiting {core.n_waiting}]"
+        f" idle {counts[IDLE]}, in use {counts[IN_USE]}, connecting {counts[CONNECTING]},"
+        f" checking {counts[CHECKING]}, waiting {core.n_waiting}]"
     )
 
 

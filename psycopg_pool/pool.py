@@ -443,15 +443,15 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 # Queued, the usual case under load, is waited for in this frame; the
                 # rest (not queued, timed out, failed) below.
                 if res == _QUEUED and ticket.wait(self._deadlines):
-                    # Known before accept() makes it the slot's: see _abandon().
-                    taken_at = monotonic()
-                    with lock:
-                        slot = core.accept(ticket, taken_at, int(1000.0 * (taken_at - now)))
+                    # Granted, the slot is ours already (or the request failed). No
+                    # call between here and `taken_at`, where a signal handler could
+                    # raise: until then _abandon() finds the slot through the ticket.
+                    slot = ticket.slot
                     if slot is None:
                         raise self._not_served(ticket, limit)
                 else:
                     slot = self._wait_ticket(ticket, res, now, limit, None)
-                    taken_at = slot.taken_at
+                taken_at = slot.taken_at
                 slow = self._slow_lend or taken_at - slot.idle_since > self._alive_after
             else:
                 slow = self._slow_lend or now - slot.idle_since > self._alive_after
@@ -473,10 +473,10 @@ class ConnectionPool(PoolMixin, Generic[CT]):
     ) -> None:
         """getconn() fails before handing its connection over: give back what it has.
 
-        `slot` is the one it took at `taken_at`, `ticket` its queued request (whose
-        grant may have been accepted already). A slot still in use since `taken_at`
-        is this call's own: given back (by the slow path) and lent again, it would
-        have been taken at another time.
+        `slot` is the one it took at `taken_at`, `ticket` its queued request (which
+        may have been granted meanwhile: then the slot is passed on). A slot still in
+        use since `taken_at` is this call's own: given back (by the slow path) and lent
+        again, it would have been taken at another time.
         """
         if slot is None:
             if ticket is None:
@@ -630,16 +630,16 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             return self._not_queued(res, ticket, timeout, check_error)
         try:
             if ticket.wait(self._deadlines):
-                now = monotonic()
-                with self._lock:
-                    slot = self._core.accept(ticket, now, int(1000.0 * (now - t0)))
+                slot = ticket.slot  # granted: ours already
                 if slot is not None:
                     return slot
                 raise self._not_served(ticket, timeout)
         except BaseException:
-            if ticket.tstate != core_state.T_DONE and ticket.tstate != core_state.T_FAILED:
+            if ticket.tstate != core_state.T_FAILED:
                 self._withdraw(ticket, t0)
             raise
+        # Timed out. Granted since the timer fired, the slot is passed on: the client
+        # was told it waited too long, and the next one is served.
         self._withdraw(ticket, t0)
         raise self._timeout_error(timeout, check_error)
 
@@ -779,10 +779,12 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                     slot.conn = conn
                     conn._pool = None
                     ticket = self._core.release(slot, monotonic())
-                elif slot.state == core_state.GRANTED:
-                    ticket = slot.ticket  # released to a waiter not woken yet
+                elif slot.state == core_state.IN_USE:
+                    # Released, maybe granted to a waiter not woken yet (a grant is a
+                    # hand-over: in use since another time). Waking one twice is a no-op.
+                    ticket = slot.ticket
                 else:
-                    ticket = None  # released (and maybe lent again since)
+                    ticket = None  # released
             # (Stopped before taking the outbox, `cmds` is the core's own list.)
             cmds = self._swap_out() if cmds is self._core.out else cmds + self._swap_out()
         if ticket is not None:

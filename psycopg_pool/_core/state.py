@@ -14,21 +14,23 @@ the core hands it to the shell for closing. A slot is in exactly one state:
     CONNECTING  an attempt to open it is under way (in the background, or inline
                 by a null-pool caller)
     IDLE        ready, in the idle deque (FIFO: taken from the left)
-    GRANTED     given to a waiting ticket, which has not picked it up yet
-    IN_USE      held by a client
+    IN_USE      held by a client (also one granted to a waiting client that has
+                not woken up yet: the grant is the hand-over)
     CHECKING    out of circulation for I/O done on the pool's behalf: rollback or
                 `reset` after a return, health check by `check()`
     CLOSED      forgotten by the core; a `Close` command was issued (or the
                 attempt failed)
 
 *Ticket*: one client's request that could not be served at once, or one
-`wait()` call. It ends exactly once: accepted, failed or withdrawn.
+`wait()` call. It ends exactly once: granted, failed or withdrawn. A granted
+ticket's slot is the client's from the moment of the grant; withdrawn after that
+(the client gave up as it was served), the slot is passed on.
 
 Invariants (tests/core/test_state_machine.py checks them after every step)
 ------------------------------------------------------------------------------
 I1 conservation: `live` holds exactly the slots not CLOSED; every live slot is
-   counted in exactly one of idle / n_connecting / n_inline / n_busy (GRANTED and
-   IN_USE) / n_checking, and the sum equals `len(live)`.
+   counted in exactly one of idle / n_connecting / n_inline / n_busy (IN_USE) /
+   n_checking, and the sum equals `len(live)`.
 I2 bounds: `len(live) <= max_size` (`max_size == 0` means unlimited, null pools).
 I3 no idle connection while a client waits: `idle` is empty whenever
    `n_waiting` is not, after an input returns. `n_waiting` counts the tickets in
@@ -63,11 +65,10 @@ INF = float("inf")
 # Slot states
 CONNECTING = 0
 IDLE = 1
-GRANTED = 2
-IN_USE = 3
-CHECKING = 4
-CLOSED = 5
-STATE_NAMES = ("connecting", "idle", "granted", "in use", "checking", "closed")
+IN_USE = 2
+CHECKING = 3
+CLOSED = 4
+STATE_NAMES = ("connecting", "idle", "in use", "checking", "closed")
 
 # Ticket states
 T_NEW = 0
@@ -148,6 +149,8 @@ class Slot:
         self.started_at = started_at
         self.created_at = 0.0
         self.expire_at = INF
+        # The ticket it was last granted to: the shell wakes it if a return that
+        # granted it was interrupted before it could (see _put_back_anyway()).
         self.ticket: Ticket | None = None
         self.inline = False
         self.probe = False
@@ -182,7 +185,7 @@ class Failure:
 class Ticket:
     """A waiting client. The shells subclass it to add their wake-up primitive."""
 
-    __slots__ = ("deadline", "error", "slot", "tstate")
+    __slots__ = ("deadline", "error", "queued_at", "slot", "tstate")
 
     def __init__(self, deadline: float = INF) -> None:
         self.slot: Slot | None = None
@@ -190,6 +193,7 @@ class Ticket:
         self.tstate = T_NEW
         # When the client gives up (monotonic): set by the shells, which time it out.
         self.deadline = deadline
+        self.queued_at = 0.0  # set by request(): the grant counts the wait from it
 
     def wake(self) -> None:
         """Overridden by the shells; the core never calls it."""
@@ -240,7 +244,7 @@ class PoolCore:
         self.live: set[Slot] = set()
         self.n_connecting = 0  # background attempts
         self.n_inline = 0  # null-pool attempts made by the caller
-        self.n_busy = 0  # GRANTED + IN_USE
+        self.n_busy = 0  # IN_USE
         self.n_checking = 0
         self.n_abandoned = 0  # hung attempts given up on, not finished yet
         self.want_probe = False  # null pool: a wait() asked for one connection attempt
@@ -342,6 +346,7 @@ class PoolCore:
         if self.max_waiting and self.n_waiting >= self.max_waiting:
             self.requests_errors += 1
             return TOO_MANY
+        ticket.queued_at = now
         self.queue.append(ticket)
         self.n_waiting += 1
         ticket.tstate = T_WAITING
@@ -367,32 +372,19 @@ class PoolCore:
             self._fill(now)  # (at max_size, with no probe due, it would start nothing)
         return QUEUED
 
-    def accept(self, ticket: Ticket, now: float, wait_ms: int) -> Slot | None:
-        """A woken ticket picks up its grant; None if it failed instead."""
-        if self.samples is not None:
-            self.sample("wait", wait_ms / 1000.0)
-        self.requests_wait_ms += wait_ms
-        if not wait_ms:  # else the total shows it was counted
-            self.touched.add("requests_wait_ms")
-        if ticket.tstate == T_GRANTED:
-            slot = ticket.slot
-            assert slot is not None
-            slot.state = IN_USE
-            slot.taken_at = now
-            slot.ticket = None
-            ticket.tstate = T_DONE
-            return slot
-        self.requests_errors += 1
-        return None
-
     def withdraw(self, ticket: Ticket, now: float, wait_ms: int) -> None:
-        """The waiting client gave up (timeout, cancellation, interrupt)."""
-        if self.samples is not None:
-            self.sample("wait", wait_ms / 1000.0)
-        self.requests_wait_ms += wait_ms
-        self.touched.add("requests_wait_ms")
+        """The waiting client gave up (timeout, cancellation, interrupt).
+
+        A ticket granted meanwhile (the client had not seen its grant yet) gives its
+        connection up: it is passed on. Its wait was counted by the grant.
+        """
         self.requests_errors += 1
         st = ticket.tstate
+        if st != T_GRANTED:
+            if self.samples is not None:
+                self.sample("wait", wait_ms / 1000.0)
+            self.requests_wait_ms += wait_ms
+            self.touched.add("requests_wait_ms")
         if st == T_WAITING:
             self.n_waiting -= 1
             if len(self.queue) > 2 * self.n_waiting + 64:
@@ -401,9 +393,10 @@ class PoolCore:
                 ticket.tstate = T_WITHDRAWN
                 self.queue = deque(t for t in self.queue if t.tstate == T_WAITING)
         elif st == T_GRANTED:
-            # Granted at the same moment the client gave up: pass it on.
+            # Granted at the same moment the client gave up: pass it on. (The shell
+            # withdraws a granted ticket only before it lends the slot's connection.)
             slot = ticket.slot
-            assert slot is not None
+            assert slot is not None and slot.state == IN_USE
             ticket.slot = None
             slot.ticket = None
             self.n_busy -= 1
@@ -411,7 +404,7 @@ class PoolCore:
             if t is not None:
                 self.out.append(Wake(t))
         elif st == T_DONE:
-            raise AssertionError("withdraw() of an accepted ticket: release the slot instead")
+            raise AssertionError("withdraw() of a served ticket: release the slot instead")
         ticket.tstate = T_WITHDRAWN
 
     def release(self, slot: Slot, now: float) -> Ticket | None:
@@ -644,18 +637,9 @@ class PoolCore:
         self.status = SHUT
         self.generation += 1
         self.epoch += 1
-        closed = Failure(F_CLOSED)
-        self._fail_all(closed)
-        for slot in [s for s in self.live if s.state == GRANTED]:
-            # Woken but not picked up: the client will find its ticket failed.
-            granted = slot.ticket
-            assert granted is not None
-            granted.slot = None
-            granted.tstate = T_FAILED
-            granted.error = closed
-            slot.ticket = None
-            self.n_busy -= 1
-            self._close(slot)
+        # Granted connections are their clients' already, like any other in use: they
+        # are closed when they come back.
+        self._fail_all(Failure(F_CLOSED))
         while self.idle:
             self._close(self.idle.popleft())
         self.shrink_at = INF
@@ -844,18 +828,35 @@ class PoolCore:
         return None
 
     def _grant(self, slot: Slot, now: float) -> Ticket:
-        """Give a healthy connection to the oldest waiter; return its ticket to wake."""
-        popleft = self.queue.popleft
-        t = popleft()
+        """Give a healthy connection to the oldest waiter; return its ticket to wake.
+
+        The grant is the hand-over: the slot is in use by the waiter from now on, and
+        its wait ends now. So the woken client needs no second lock round to pick it
+        up, and a client that gives up before it wakes passes it on (`withdraw()`).
+        """
+        queue = self.queue
+        t = queue[0]
         while t.tstate != T_WAITING:
-            t = popleft()
+            queue.popleft()
+            t = queue[0]
+        # Counted before anything changes hands: a signal handler can raise where a C
+        # call returns (int(), add(), popleft()), and must find the slot and the
+        # ticket as they were, or wholly granted (the shell tells by `taken_at`).
+        wait_ms = int(1000.0 * (now - t.queued_at))
+        if not wait_ms:  # else the total shows it was counted
+            self.touched.add("requests_wait_ms")
+        if self.samples is not None:
+            self.sample("wait", now - t.queued_at)
+        queue.popleft()
+        self.requests_wait_ms += wait_ms
         self.n_waiting -= 1
         slot.idle_since = now  # fresh from use: no need to look at it again
-        slot.state = GRANTED
+        slot.state = IN_USE
         slot.ticket = t
         self.n_busy += 1
         t.slot = slot
         t.tstate = T_GRANTED
+        slot.taken_at = now
         return t
 
     def _after_idle(self, slot: Slot) -> None:

@@ -46,7 +46,7 @@ class Harness:
     held: list[Slot] = field(default_factory=list)  # in clients' hands
     checking: list[Slot] = field(default_factory=list)  # under rollback/reset/check
     waiting: list[T] = field(default_factory=list)  # in queue order
-    granted: list[T] = field(default_factory=list)  # woken with a grant, not accepted yet
+    granted: list[T] = field(default_factory=list)  # woken with a grant, not picked up yet
     ready_waiting: list[T] = field(default_factory=list)
     closed: set[int] = field(default_factory=set)
     ended: dict[int, str] = field(default_factory=dict)  # ticket n -> outcome
@@ -134,10 +134,13 @@ class Harness:
             raise AssertionError(f"woken in state {t.tstate}")
 
     def _granted(self, t: T) -> None:
-        # First come, first served: the grant goes to the oldest waiting ticket.
+        # First come, first served: the grant goes to the oldest waiting ticket, and
+        # the slot is the client's from then on.
         assert self.waiting and self.waiting[0] is t, (t, self.waiting)
         self.waiting.pop(0)
-        assert t.slot is not None and t.slot.state == st.GRANTED
+        assert t.slot is not None and t.slot.state == st.IN_USE
+        assert t.slot.taken_at == self.now and t.slot.ticket is t
+        assert t.slot.expire_at > self.now, "an expired connection was granted"
         self.granted.append(t)
         self.granted_at[t.n] = self.now
 
@@ -183,30 +186,23 @@ class Harness:
             self._end(t, f"refused {res}")
         return res, t
 
-    def accept(self, t: T) -> None:
+    def pick_up(self, t: T) -> None:
+        """The client woken with a grant takes its connection: no call to the core."""
         self.granted.remove(t)
-        slot = self.core.accept(t, self.now, 0)
-        self.run()
-        if slot is None:
-            assert t.tstate == st.T_FAILED
-            self._end(t, "failed")
-        else:
-            self._hand_out(slot, self.granted_at[t.n])
-            self._end(t, "accepted")
+        assert t.tstate == st.T_GRANTED and t.slot is not None
+        self._hand_out(t.slot, self.granted_at[t.n])
+        self._end(t, "granted")
 
     def withdraw(self, t: T) -> None:
+        """The client gives up: while waiting, or woken with a grant not picked up."""
         if t in self.waiting:
             self.waiting.remove(t)
-        elif t in self.granted:
-            self.granted.remove(t)
-        if t.tstate in (st.T_WAITING, st.T_GRANTED):
-            self.core.withdraw(t, self.now, 0)
-            self.run()
-            self._end(t, "withdrawn")
         else:
-            # A grant revoked by close(): the shell sees the failure and does not withdraw.
-            assert t.tstate == st.T_FAILED
-            self._end(t, "failed")
+            self.granted.remove(t)
+        assert t.tstate in (st.T_WAITING, st.T_GRANTED)
+        self.core.withdraw(t, self.now, 0)
+        self.run()
+        self._end(t, "withdrawn")
 
     def putconn(self, slot: Slot) -> None:
         self.held.remove(slot)
@@ -270,13 +266,12 @@ class Harness:
         self.run()
 
     def close(self) -> None:
-        granted = list(self.granted)
         self.core.close(self.now)
         self.run()
-        for t in granted:
-            # Revoked grants: the client will find its ticket failed when it wakes up.
-            assert t.tstate == st.T_FAILED and t.slot is None
-        self.waiting.clear()
+        for t in self.granted:
+            # Granted connections are the clients' already: they keep them.
+            assert t.tstate == st.T_GRANTED and t.slot is not None
+        assert not self.waiting, "close() must fail every waiting client"
 
     # -- the invariants ----------------------------------------------------
 
@@ -296,9 +291,8 @@ class Harness:
         for s in self.checking:
             believed[s] = st.CHECKING
         for t in self.granted:
-            if t.tstate == st.T_GRANTED:
-                assert t.slot is not None
-                believed[t.slot] = st.GRANTED
+            assert t.tstate == st.T_GRANTED and t.slot is not None
+            believed[t.slot] = st.IN_USE
         for s in core.idle:
             believed[s] = st.IDLE
         # Held slots of a closed or drained pool stay live until they are returned.
@@ -315,7 +309,7 @@ class Harness:
         n_inline = sum(1 for s in core.live if s.state == st.CONNECTING and s.inline)
         assert core.n_inline == n_inline
         assert core.n_connecting == by_state[st.CONNECTING] - n_inline
-        assert core.n_busy == by_state[st.GRANTED] + by_state[st.IN_USE]
+        assert core.n_busy == by_state[st.IN_USE]
         assert core.n_checking == by_state[st.CHECKING]
         assert core.n_old_epoch == sum(1 for s in core.live if s.epoch != core.epoch)
         assert not (core.idle and core.n_waiting), "an idle connection while a client waits"

@@ -85,8 +85,8 @@ class PoolMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.h.granted)
     @rule(data=stg.data())
-    def accept(self, data: stg.DataObject) -> None:
-        self.h.accept(data.draw(stg.sampled_from(self.h.granted)))
+    def pick_up(self, data: stg.DataObject) -> None:
+        self.h.pick_up(data.draw(stg.sampled_from(self.h.granted)))
 
     @precondition(lambda self: self.h.waiting or self.h.granted)
     @rule(data=stg.data())

@@ -58,7 +58,7 @@ def test_waiters_are_served_first_come_first_served() -> None:
     slot = h.held[0]
     h.putconn(slot)
     assert h.granted == [tickets[0]]
-    h.accept(tickets[0])  # type: ignore[arg-type]
+    h.pick_up(tickets[0])  # type: ignore[arg-type]
     h.putconn(h.held[0])
     assert h.granted == [tickets[1]]
     h.check()
@@ -71,14 +71,18 @@ def test_the_wait_of_a_served_waiter_is_counted_even_when_it_is_zero() -> None:
     _, t2 = h.getconn()
     assert t1 and t2
     assert "requests_wait_ms" not in snapshot(h.core)
-    h.putconn(h.held[0])
-    assert h.core.accept(t1, h.now, 0) is not None
+    h.putconn(h.held[0])  # the grant ends the wait
+    assert h.granted == [t1]
     assert snapshot(h.core)["requests_wait_ms"] == 0  # shown once counted, even as 0
-    slot = t1.slot
-    assert slot is not None
-    h.core.release(slot, h.now)
-    assert h.core.accept(t2, h.now, 7) is not None
+    h.pick_up(t1)
+    h.now += 0.007
+    h.putconn(h.held[0])
+    assert h.granted == [t2]
     assert snapshot(h.core)["requests_wait_ms"] == 7
+    h.now += 1.0
+    h.pick_up(t2)  # picking the grant up later changes nothing
+    assert snapshot(h.core)["requests_wait_ms"] == 7
+    h.check()
 
 
 def test_a_withdrawn_waiter_leaves_the_queue_at_once() -> None:
@@ -215,7 +219,7 @@ def test_shrink_closes_one_unused_connection_per_max_idle() -> None:
     while h.connecting:
         h.connect_ok(h.connecting[0])
     for t in list(h.granted):
-        h.accept(t)
+        h.pick_up(t)
     for slot in list(h.held):
         h.putconn(slot)
     sizes = []
@@ -305,16 +309,22 @@ def test_drain_replaces_idle_now_and_busy_on_return() -> None:
     h.check()
 
 
-def test_close_fails_waiters_and_revokes_grants_then_reopens() -> None:
+def test_close_fails_waiters_and_leaves_grants_to_their_clients_then_reopens() -> None:
     h = filled(1, min_size=1, max_size=1)
     h.getconn()
     _, t1 = h.getconn()
     _, t2 = h.getconn()
     assert t1 and t2
     h.putconn(h.held[0])  # granted to t1, not picked up yet
+    granted = t1.slot
     h.close()
-    assert t1.tstate == st.T_FAILED and t2.tstate == st.T_FAILED
-    assert h.core.accept(t1, h.now, 0) is None
+    assert t1.tstate == st.T_GRANTED and t2.tstate == st.T_FAILED
+    assert h.core.live == {granted}  # the grant was the hand-over: it is t1's
+    h.check()
+    h.pick_up(t1)
+    assert granted is not None
+    h.putconn(granted)
+    assert granted.id in h.closed  # closed as it comes back
     assert h.core.live == set()
     assert h.core.take(h.now) is None
     assert h.core.request(h.new_ticket(), h.now, True) == st.IS_CLOSED
@@ -342,6 +352,17 @@ def test_wait_ready_wakes_when_min_size_is_idle() -> None:
     assert t.tstate == st.T_WAITING
     h.connect_ok(h.connecting[0])
     assert h.ended[t.n] == "ready"
+
+
+def test_wait_ready_wakes_when_a_return_makes_min_size_idle() -> None:
+    h = filled(2, min_size=2, max_size=2)
+    h.getconn()
+    t = h.new_ticket()
+    assert not h.core.wait_ready(t, h.now)  # one of two idle
+    h.ready_waiting.append(t)
+    h.putconn(h.held[0])
+    assert h.ended[t.n] == "ready"
+    h.check()
 
 
 def test_null_preset_connects_inline_and_closes_returns() -> None:
@@ -457,7 +478,7 @@ def test_samples_record_wait_use_create_and_timeouts() -> None:
     assert t
     h.now = 1.5
     h.putconn(h.held[0])
-    h.accept(t)
+    h.pick_up(t)
     _, t2 = h.getconn()
     assert t2
     h.withdraw(t2)
@@ -529,13 +550,10 @@ def test_request_takes_an_idle_connection_and_skips_expired_ones() -> None:
     h.check()
 
 
-def test_accepting_twice_or_withdrawing_an_accepted_ticket_is_a_bug() -> None:
+def test_withdrawing_a_ticket_served_at_once_is_a_bug() -> None:
     h = filled(1, min_size=1, max_size=1)
-    h.getconn()
-    _, t = h.getconn()
-    assert t
-    h.putconn(h.held[0])
-    h.accept(t)
+    t = h.new_ticket()
+    assert h.core.request(t, h.now, True) == st.GOT  # served from the idle deque
     with pytest.raises(AssertionError):
         h.core.withdraw(t, h.now, 0)
 
@@ -769,7 +787,7 @@ def test_a_deadline_reached_is_acted_on_despite_rounding(what: str) -> None:
         h.core.leak_timeout = st.STUCK_AFTER
         h.getconn()
         h.connect_ok(h.connecting[0])
-        h.accept(h.granted[0])
+        h.pick_up(h.granted[0])
     else:
         h.getconn()
     for dt in (0.5, 0.5, 1.0):

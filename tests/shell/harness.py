@@ -98,14 +98,16 @@ def problems(pool: Any, fakes: Fakes, ledger: Ledger, *, settled: bool = True) -
         res.append(f"core: {counts} do not add up to {len(live)} live slots")
     if counts[st.IDLE] != n_idle:
         res.append(f"core: {counts[st.IDLE]} idle slots but {n_idle} in the idle deque")
-    expected = (counts[st.GRANTED] + counts[st.IN_USE], counts[st.CHECKING], counts[st.CONNECTING])
+    expected = (counts[st.IN_USE], counts[st.CHECKING], counts[st.CONNECTING])
     if books != expected:
         res.append(f"core: busy/checking/connecting counters {books}, slots say {expected}")
 
     # The fakes agree with the core: each open connection is either in a slot of the
-    # pool (idle, being checked or cleaned) or held by a client, never both, and back.
+    # pool (idle, being checked or cleaned, or granted to a client not woken yet: in
+    # use, not lent) or held by a client, never both, and back.
     open_conns = {id(c): c for c in fakes.open_conns()}
-    pooled = {id(s.conn): s for s in live if s.conn is not None and s.state != st.IN_USE}
+    pooled = {id(s.conn): s for s in live if s.conn is not None}
+    granted = sum(1 for s in pooled.values() if s.state == st.IN_USE)
     both = pooled.keys() & held
     if both:
         res.append(f"connections both in the pool and held by a client: {both}")
@@ -115,12 +117,15 @@ def problems(pool: Any, fakes: Fakes, ledger: Ledger, *, settled: bool = True) -
     dead = [s for k, s in pooled.items() if k not in open_conns]
     if dead:
         res.append(f"slots holding closed connections: {dead}")
-    if counts[st.IN_USE] != len(held):
-        res.append(f"{counts[st.IN_USE]} connections in use for the core, clients hold {len(held)}")
-    n_closed = fakes.closed
-    if fakes.opened != counts[st.IDLE] + len(held) + n_closed + counts[st.CHECKING]:
+    if counts[st.IN_USE] != len(held) + granted:
         res.append(
-            f"opened {fakes.opened} != idle {counts[st.IDLE]} + in use {len(held)}"
+            f"{counts[st.IN_USE]} connections in use for the core, clients hold {len(held)}"
+            f" and {granted} are granted"
+        )
+    n_closed = fakes.closed
+    if fakes.opened != counts[st.IN_USE] + counts[st.IDLE] + n_closed + counts[st.CHECKING]:
+        res.append(
+            f"opened {fakes.opened} != idle {counts[st.IDLE]} + in use {counts[st.IN_USE]}"
             f" + checking {counts[st.CHECKING]} + closed {n_closed}"
         )
 
@@ -142,7 +147,7 @@ def problems(pool: Any, fakes: Fakes, ledger: Ledger, *, settled: bool = True) -
         res.append(f"stats: connections_num {stats.get('connections_num')} < connect() calls")
 
     if settled:
-        busy_slots = counts[st.CONNECTING] + counts[st.CHECKING] + counts[st.GRANTED]
+        busy_slots = counts[st.CONNECTING] + counts[st.CHECKING] + granted
         if busy_slots or n_waiting:
             res.append(f"not settled: {counts}, {n_waiting} waiting")
         if is_open and len(live) < core.min_size:
