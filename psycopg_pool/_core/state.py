@@ -376,16 +376,13 @@ class PoolCore:
         """The waiting client gave up (timeout, cancellation, interrupt).
 
         A ticket granted meanwhile (the client had not seen its grant yet) gives its
-        connection up: it is passed on. Its wait was counted by the grant.
+        connection up: it is passed on. Its wait was counted by the grant, as that of
+        a failed one by its failure, which leaves nothing else to do.
         """
-        self.requests_errors += 1
         st = ticket.tstate
-        if st != T_GRANTED:
-            if self.samples is not None:
-                self.sample("wait", wait_ms / 1000.0)
-            self.requests_wait_ms += wait_ms
-            self.touched.add("requests_wait_ms")
         if st == T_WAITING:
+            self._count_wait(wait_ms)
+            self.requests_errors += 1
             self.n_waiting -= 1
             if len(self.queue) > 2 * self.n_waiting + 64:
                 # Mostly withdrawn tickets (say, timeouts while no connection came
@@ -397,6 +394,7 @@ class PoolCore:
             # withdraws a granted ticket only before it lends the slot's connection.)
             slot = ticket.slot
             assert slot is not None and slot.state == IN_USE
+            self.requests_errors += 1
             ticket.slot = None
             slot.ticket = None
             self.n_busy -= 1
@@ -593,7 +591,7 @@ class PoolCore:
             return
         self.fail_count += 1
         if fatal and not (self.n_busy or self.n_checking or self.idle):
-            self._fail_all(Failure(F_CONNECT, cause))
+            self._fail_all(Failure(F_CONNECT, cause), now)
         gave_up = self.backoff.failed(slot.started_at, now, self.reconnect_timeout)
         if self.n_waiting or self.ready_waiters:
             # Clients still wait: keep probing often, not at the long backoff step.
@@ -639,7 +637,7 @@ class PoolCore:
         self.epoch += 1
         # Granted connections are their clients' already, like any other in use: they
         # are closed when they come back.
-        self._fail_all(Failure(F_CLOSED))
+        self._fail_all(Failure(F_CLOSED), now)
         while self.idle:
             self._close(self.idle.popleft())
         self.shrink_at = INF
@@ -846,7 +844,7 @@ class PoolCore:
         if not wait_ms:  # else the total shows it was counted
             self.touched.add("requests_wait_ms")
         if self.samples is not None:
-            self.sample("wait", now - t.queued_at)
+            self.sample("wait", wait_ms / 1000.0)
         queue.popleft()
         self.requests_wait_ms += wait_ms
         self.n_waiting -= 1
@@ -879,10 +877,13 @@ class PoolCore:
             and now - self.last_failure_at < DEMAND_PROBE_INTERVAL
         )
 
-    def _fail_all(self, failure: Failure) -> None:
+    def _fail_all(self, failure: Failure, now: float) -> None:
         """Fail every waiting client and every `wait()` caller."""
         for t in self.queue:
             if t.tstate == T_WAITING:
+                # Its wait ends here, in an error: counted like a grant's.
+                self._count_wait(int(1000.0 * (now - t.queued_at)))
+                self.requests_errors += 1
                 t.tstate = T_FAILED
                 t.error = failure
                 self.out.append(Wake(t))
@@ -893,6 +894,14 @@ class PoolCore:
             t.error = failure
             self.out.append(Wake(t))
         self.ready_waiters.clear()
+
+    def _count_wait(self, wait_ms: int) -> None:
+        """A client's wait ended (`_grant()` does the same inline)."""
+        if self.samples is not None:
+            self.sample("wait", wait_ms / 1000.0)
+        self.requests_wait_ms += wait_ms
+        if not wait_ms:  # else the total shows it was counted
+            self.touched.add("requests_wait_ms")
 
     def _wake_ready(self) -> None:
         for t in self.ready_waiters:

@@ -655,15 +655,22 @@ def test_waiters_while_failing_keep_an_earlier_retry() -> None:
     assert h.core.backoff.retry_at == st.DEMAND_PROBE_INTERVAL and h.rearms == rearms
 
 
-def test_withdrawing_a_failed_or_withdrawn_ticket_only_counts() -> None:
+def test_a_wait_that_ends_in_failure_is_counted_once() -> None:
     h = filled(1, min_size=1, max_size=1)
     h.getconn()
     _, t = h.getconn()
-    assert t
-    h.withdraw(t)
-    errors = h.core.requests_errors
-    h.core.withdraw(t, h.now, 0)
-    assert t.tstate == st.T_WITHDRAWN and h.core.requests_errors == errors + 1
+    _, failed = h.getconn()
+    assert t and failed
+    h.withdraw(t)  # (the harness's clients give up at once: a wait of 0)
+    assert (h.core.requests_errors, h.core.requests_wait_ms) == (1, 0)
+    h.core.withdraw(t, h.now, 5)  # twice: nothing more
+    h.now += 0.007
+    h.close()  # fails the other one: its wait ends here
+    assert failed.tstate == st.T_FAILED
+    assert (h.core.requests_errors, h.core.requests_wait_ms) == (2, 7)
+    h.core.withdraw(failed, h.now, 7)  # timed out as it failed: counted already
+    assert t.tstate == failed.tstate == st.T_WITHDRAWN
+    assert (h.core.requests_errors, h.core.requests_wait_ms) == (2, 7)
 
 
 def test_a_connection_out_at_the_housekeeper_deadline_counts_for_it() -> None:
