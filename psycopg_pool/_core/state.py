@@ -423,11 +423,10 @@ class PoolCore:
             # The common cases, inlined. (A slot of the current generation implies an
             # open pool: close() starts a new generation.)
             if self.n_waiting:
-                t = self._grant(slot, now)  # under load: every return; counts it busy
-                if busy:
-                    self.n_busy -= 1
-                else:
+                t = self._grant(slot, now)  # under load: every return
+                if not busy:  # (in use before and after: no count changes)
                     self.n_checking -= 1
+                    self.n_busy += 1
                 return t
             if not self.null:
                 if busy:
@@ -815,7 +814,9 @@ class PoolCore:
     def _place(self, slot: Slot, now: float) -> Ticket | None:
         """Hand a healthy connection to the oldest waiter, or make it idle."""
         if self.n_waiting:
-            return self._grant(slot, now)
+            t = self._grant(slot, now)
+            self.n_busy += 1
+            return t
         if self.null:
             self._close(slot)
             return None
@@ -849,9 +850,8 @@ class PoolCore:
         self.requests_wait_ms += wait_ms
         self.n_waiting -= 1
         slot.idle_since = now  # fresh from use: no need to look at it again
-        slot.state = IN_USE
+        slot.state = IN_USE  # (the caller counts it in n_busy if it was not)
         slot.ticket = t
-        self.n_busy += 1
         t.slot = slot
         t.tstate = T_GRANTED
         slot.taken_at = now
