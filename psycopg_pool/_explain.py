@@ -146,6 +146,9 @@ def describe_owner(slot: Slot) -> str:
     holds what (asking for the current task alone costs more than the rest of a
     checkout on Python < 3.12).
     """
+    if slot.conn is not None:
+        # Not lent: granted to a client not woken yet (or one giving it back).
+        return "a client being handed it"
     conn = slot.wref() if slot.wref is not None else None
     if conn is not None:
         found = _find_thread_holding(conn) or _find_task_holding(conn)
