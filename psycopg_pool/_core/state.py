@@ -29,8 +29,8 @@ ticket's slot is the client's from the moment of the grant; withdrawn after that
 Invariants (tests/core/test_state_machine.py checks them after every step)
 ------------------------------------------------------------------------------
 I1 conservation: `live` holds exactly the slots not CLOSED; every live slot is
-   counted in exactly one of idle / n_connecting / n_inline / n_busy (IN_USE) /
-   n_checking, and the sum equals `len(live)`.
+   counted in exactly one of idle / n_connecting / n_inline / IN_USE / n_checking,
+   and the sum equals `len(live)`. (`n_busy`, the slots in use, is derived from it.)
 I2 bounds: `len(live) <= max_size` (`max_size == 0` means unlimited, null pools).
 I3 no idle connection while a client waits: `idle` is empty whenever
    `n_waiting` is not, after an input returns. `n_waiting` counts the tickets in
@@ -244,7 +244,6 @@ class PoolCore:
         self.live: set[Slot] = set()
         self.n_connecting = 0  # background attempts
         self.n_inline = 0  # null-pool attempts made by the caller
-        self.n_busy = 0  # IN_USE
         self.n_checking = 0
         self.n_abandoned = 0  # hung attempts given up on, not finished yet
         self.want_probe = False  # null pool: a wait() asked for one connection attempt
@@ -280,6 +279,11 @@ class PoolCore:
     # ------------------------------------------------------------------
     # Client side
 
+    @property
+    def n_busy(self) -> int:
+        """Slots in use: derived (see I1), so that the hot path counts nothing for it."""
+        return len(self.live) - len(self.idle) - self.n_connecting - self.n_inline - self.n_checking
+
     def take(self, now: float) -> Slot | None:
         """The hot path: an idle connection for a new request, or None."""
         self.requests_num += 1
@@ -298,7 +302,6 @@ class PoolCore:
             if slot.expire_at > now:
                 slot.state = IN_USE
                 slot.taken_at = now
-                self.n_busy += 1
                 if left < self.min_idle_seen:
                     self.min_idle_seen = left
                 return slot
@@ -319,7 +322,6 @@ class PoolCore:
             if slot.expire_at > now:
                 slot.state = IN_USE
                 slot.taken_at = now
-                self.n_busy += 1
                 self.min_idle_seen = min(self.min_idle_seen, len(idle))
                 ticket.slot = slot
                 ticket.tstate = T_DONE
@@ -397,7 +399,6 @@ class PoolCore:
             self.requests_errors += 1
             ticket.slot = None
             slot.ticket = None
-            self.n_busy -= 1
             t = self._recycle(slot, now)
             if t is not None:
                 self.out.append(Wake(t))
@@ -424,14 +425,11 @@ class PoolCore:
             # open pool: close() starts a new generation.)
             if self.n_waiting:
                 t = self._grant(slot, now)  # under load: every return
-                if not busy:  # (in use before and after: no count changes)
+                if not busy:
                     self.n_checking -= 1
-                    self.n_busy += 1
                 return t
             if not self.null:
-                if busy:
-                    self.n_busy -= 1
-                else:
+                if not busy:
                     self.n_checking -= 1
                 slot.state = IDLE
                 slot.idle_since = now
@@ -439,9 +437,7 @@ class PoolCore:
                 if slot.expire_at < self.sleep_until or self.ready_waiters:
                     self._after_idle(slot)
                 return None
-        if busy:
-            self.n_busy -= 1
-        else:
+        if not busy:
             self.n_checking -= 1
         return self._recycle(slot, now)
 
@@ -463,15 +459,12 @@ class PoolCore:
         if slot.lent_at:
             self._usage(slot, now)
         slot.state = CHECKING
-        self.n_busy -= 1
         self.n_checking += 1
 
     def discard(self, slot: Slot, now: float, counter: str | None) -> None:
         """A connection held by a client or under I/O is broken: close and replace it."""
         if slot.state == CHECKING:
             self.n_checking -= 1
-        else:
-            self.n_busy -= 1
         if slot.lent_at:
             self._usage(slot, now)
         if counter == "returns_bad":
@@ -541,7 +534,6 @@ class PoolCore:
         if slot.inline:
             slot.state = IN_USE
             slot.taken_at = now
-            self.n_busy += 1
             return None
         if slot.probe:
             self._close(slot)
@@ -814,9 +806,7 @@ class PoolCore:
     def _place(self, slot: Slot, now: float) -> Ticket | None:
         """Hand a healthy connection to the oldest waiter, or make it idle."""
         if self.n_waiting:
-            t = self._grant(slot, now)
-            self.n_busy += 1
-            return t
+            return self._grant(slot, now)
         if self.null:
             self._close(slot)
             return None
@@ -850,7 +840,7 @@ class PoolCore:
         self.requests_wait_ms += wait_ms
         self.n_waiting -= 1
         slot.idle_since = now  # fresh from use: no need to look at it again
-        slot.state = IN_USE  # (the caller counts it in n_busy if it was not)
+        slot.state = IN_USE
         slot.ticket = t
         t.slot = slot
         t.tstate = T_GRANTED
