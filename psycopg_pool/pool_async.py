@@ -447,10 +447,14 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                     slot = ticket.slot
                     if slot is None:
                         raise self._not_served(ticket, limit)
+                    taken_at = slot.taken_at
+                    # Granted fresh from use (or from connecting): nothing to look at
+                    # unless the pool checks every connection it lends.
+                    slow = self._slow_lend
                 else:
                     slot = await self._wait_ticket(ticket, res, now, limit, None)
-                taken_at = slot.taken_at
-                slow = self._slow_lend or taken_at - slot.idle_since > self._alive_after
+                    taken_at = slot.taken_at
+                    slow = self._slow_lend or taken_at - slot.idle_since > self._alive_after
             else:
                 slow = self._slow_lend or now - slot.idle_since > self._alive_after
             if slow:
