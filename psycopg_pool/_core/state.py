@@ -414,7 +414,8 @@ class PoolCore:
         An exception raised in the middle of the common cases (by a signal handler,
         as a function starts or a C call returns) leaves the slot either still in
         use, with only the usage counted, or released: the shell tells which by the
-        slot's state and finishes the job (see the shells' `_put_back_anyway()`).
+        slot's state and `taken_at` (granted to a waiter, it is in use since now) and
+        finishes the job (see the shells' `_put_back_anyway()`).
         So the counters change only after the last such place.
         """
         if slot.lent_at:
@@ -829,8 +830,10 @@ class PoolCore:
             queue.popleft()
             t = queue[0]
         # Counted before anything changes hands: a signal handler can raise where a C
-        # call returns (int(), add(), popleft()), and must find the slot and the
-        # ticket as they were, or wholly granted (the shell tells by `taken_at`).
+        # call returns (int(), add()), and must find the slot and the ticket as they
+        # were. (Interrupted as popleft() returns, the waiter is skipped: it waits for
+        # the next connection or its deadline. Past it, the shell tells a granted slot
+        # by its new `taken_at`.)
         wait_ms = int(1000.0 * (now - t.queued_at))
         if not wait_ms:  # else the total shows it was counted
             self.touched.add("requests_wait_ms")
