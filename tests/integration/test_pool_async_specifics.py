@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from psycopg import AsyncConnection
 
-from psycopg_pool import AsyncConnectionPool, AsyncNullConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, AsyncNullConnectionPool, PoolClosed, PoolTimeout
 
 from .helpers import (
     afetchval,
@@ -348,6 +348,29 @@ async def test_cancelled_waiter_loses_no_connection(dsn: str, when: str) -> None
         again = await pool.getconn(timeout=0)
         assert again is conn
         await pool.putconn(again)
+
+
+@run_async
+async def test_a_client_granted_a_connection_before_close_keeps_it(dsn: str) -> None:
+    """The grant is the hand-over (as upstream, which fills the waiter's future):
+    close() fails the clients still waiting, not one already given its connection."""
+    async with async_pool(dsn) as pool:
+        conn = await pool.getconn()
+        served = asyncio.create_task(pool.getconn(timeout=5.0))
+        await await_stat(pool, "requests_waiting", 1)
+        failed = asyncio.create_task(pool.getconn(timeout=5.0))
+        await await_stat(pool, "requests_waiting", 2)
+        await pool.putconn(conn)  # to the first waiter, which has not run yet
+        assert not served.done()
+        await pool.close()
+        got = await served
+        assert got is conn
+        assert await afetchval(got, "SELECT 1") == 1  # usable after close()
+        with pytest.raises(PoolClosed):
+            await failed
+        assert pool_stat(pool, "requests_errors") == 1  # the one that waited on
+        await pool.putconn(got)
+        await await_until(lambda: got.closed, "closed as it comes back to a closed pool")
 
 
 @run_async
