@@ -13,7 +13,7 @@ from psycopg_pool._core.commands import Close, Connect, Log, ReconnectFailed
 from psycopg_pool._core.state import Slot
 from psycopg_pool._core.stats import snapshot
 
-from .model import Harness
+from .model import Harness, T
 
 
 def filled(n: int = 2, **kwargs: object) -> Harness:
@@ -25,6 +25,16 @@ def filled(n: int = 2, **kwargs: object) -> Harness:
         n -= 1
     h.check()
     return h
+
+
+def two_queued() -> tuple[Harness, T, T]:
+    """One connection, held, and two clients queued for it in that order."""
+    h = filled(1, min_size=1, max_size=1)
+    h.getconn()
+    _, t1 = h.getconn()
+    _, t2 = h.getconn()
+    assert t1 and t2
+    return h, t1, t2
 
 
 def test_open_starts_min_size_attempts_within_num_workers() -> None:
@@ -65,11 +75,7 @@ def test_waiters_are_served_first_come_first_served() -> None:
 
 
 def test_the_wait_of_a_served_waiter_is_counted_even_when_it_is_zero() -> None:
-    h = filled(1, min_size=1, max_size=1)
-    h.getconn()
-    _, t1 = h.getconn()
-    _, t2 = h.getconn()
-    assert t1 and t2
+    h, t1, t2 = two_queued()
     assert "requests_wait_ms" not in snapshot(h.core)
     h.putconn(h.held[0])  # the grant ends the wait
     assert h.granted == [t1]
@@ -86,11 +92,7 @@ def test_the_wait_of_a_served_waiter_is_counted_even_when_it_is_zero() -> None:
 
 
 def test_a_withdrawn_waiter_leaves_the_queue_at_once() -> None:
-    h = filled(1, min_size=1, max_size=1)
-    h.getconn()
-    _, t1 = h.getconn()
-    _, t2 = h.getconn()
-    assert t1 and t2
+    h, t1, t2 = two_queued()
     assert snapshot(h.core)["requests_waiting"] == 2
     h.withdraw(t1)
     assert snapshot(h.core)["requests_waiting"] == 1
@@ -118,11 +120,7 @@ def test_withdrawn_tickets_do_not_pile_up_while_no_connection_comes_back() -> No
 
 
 def test_a_grant_to_a_withdrawn_ticket_passes_to_the_next_one() -> None:
-    h = filled(1, min_size=1, max_size=1)
-    h.getconn()
-    _, t1 = h.getconn()
-    _, t2 = h.getconn()
-    assert t1 and t2
+    h, t1, t2 = two_queued()
     h.putconn(h.held[0])
     assert h.granted == [t1]
     granted_slot = t1.slot
@@ -310,11 +308,7 @@ def test_drain_replaces_idle_now_and_busy_on_return() -> None:
 
 
 def test_close_fails_waiters_and_leaves_grants_to_their_clients_then_reopens() -> None:
-    h = filled(1, min_size=1, max_size=1)
-    h.getconn()
-    _, t1 = h.getconn()
-    _, t2 = h.getconn()
-    assert t1 and t2
+    h, t1, t2 = two_queued()
     h.putconn(h.held[0])  # granted to t1, not picked up yet
     granted = t1.slot
     h.close()
@@ -656,11 +650,7 @@ def test_waiters_while_failing_keep_an_earlier_retry() -> None:
 
 
 def test_a_wait_that_ends_in_failure_is_counted_once() -> None:
-    h = filled(1, min_size=1, max_size=1)
-    h.getconn()
-    _, t = h.getconn()
-    _, failed = h.getconn()
-    assert t and failed
+    h, t, failed = two_queued()
     h.withdraw(t)  # (the harness's clients give up at once: a wait of 0)
     assert (h.core.requests_errors, h.core.requests_wait_ms) == (1, 0)
     h.core.withdraw(t, h.now, 5)  # twice: nothing more
