@@ -441,9 +441,9 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 # Queued, the usual case under load, is waited for in this frame; the
                 # rest (not queued, timed out, failed) below.
                 if res == _QUEUED and await ticket.wait(self._deadlines):
-                    # Granted, the slot is ours already (or the request failed). No
-                    # call between here and `taken_at`, where a signal handler could
-                    # raise: until then _abandon() finds the slot through the ticket.
+                    # Granted, the slot is ours already (None: the request failed).
+                    # Up to `slot`, _abandon() finds the grant through the ticket, from
+                    # `taken_at` on by it; in between no call, so no signal handler.
                     slot = ticket.slot
                     if slot is None:
                         raise self._not_served(ticket, limit)
