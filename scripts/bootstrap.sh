@@ -6,9 +6,9 @@
 #     then the newest /usr/lib/postgresql/*/bin holding initdb and pg_ctl;
 #   - PgBouncer (apt-get install pgbouncer) when no `pgbouncer` binary is found;
 #   - as root, a `postgres` system account (PostgreSQL refuses to run as root);
-#   - .venv (python3 -m venv, Python >= 3.10; $PYTHON picks another interpreter) with
-#     this project installed in it: pip install -e ".[dev,binary]", skipped while
-#     .venv/.stamp is newer than pyproject.toml.
+#   - .venv (python3 -m venv, Python >= 3.10; $PYTHON picks another interpreter, $VENV
+#     another folder) with this project installed in it: pip install -e ".[$EXTRAS]"
+#     (default test,dev,binary), skipped while .venv/.stamp is newer than pyproject.toml.
 # Quiet when all is well: progress lines and errors go to stderr.
 set -euo pipefail
 
@@ -76,7 +76,8 @@ packages=()
 find_pg_bindir >/dev/null || packages+=(postgresql)
 # PgBouncer, for tests/integration/test_pgbouncer.py (Debian installs it in /usr/sbin).
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || packages+=(pgbouncer)
-if [ ! -x .venv/bin/python ]; then
+venv=${VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
     if ! command -v "$python" >/dev/null 2>&1; then
         [ -z "${PYTHON:-}" ] || die "PYTHON=$PYTHON: no such interpreter"
         packages+=(python3 python3-venv)
@@ -97,19 +98,20 @@ if is_root && ! id -u postgres >/dev/null 2>&1; then
 fi
 
 # --- virtual environment ---------------------------------------------------------
-if [ -x .venv/bin/python ]; then
-    python_ok .venv/bin/python || die ".venv has Python < 3.10: remove .venv and rerun (PYTHON=python3.X to choose)"
+if [ -x "$venv/bin/python" ]; then
+    python_ok "$venv/bin/python" || die "$venv has Python < 3.10: remove $venv and rerun (PYTHON=python3.X to choose)"
 else
     require_python
-    log "creating .venv with $python ..."
-    rm -rf .venv
-    quietly "$python" -m venv .venv || die "$python -m venv failed"
+    log "creating $venv with $python ..."
+    rm -rf "$venv"
+    quietly "$python" -m venv "$venv" || die "$python -m venv failed"
 fi
 
-if [ .venv/.stamp -nt pyproject.toml ]; then
+if [ "$venv/.stamp" -nt pyproject.toml ]; then
     exit 0
 fi
-log "installing the project and its dev dependencies into .venv ..."
+log "installing the project and its test dependencies into $venv ..."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore
-quietly .venv/bin/python -m pip install -e ".[dev,binary]" || die "pip install into .venv failed"
-touch .venv/.stamp
+quietly "$venv/bin/python" -m pip install -e ".[${EXTRAS:-test,dev,binary}]" ||
+    die "pip install into $venv failed"
+touch "$venv/.stamp"

@@ -47,6 +47,48 @@ if [ $# -eq 0 ]; then
 fi
 step "pytest" "$py" -m pytest -p no:cacheprovider "$@"
 
+# `python3.X` if it runs, else pyenv's build of 3.X, if any.
+find_python() {
+    local v=$1 bin
+    if "python$v" -c '' >/dev/null 2>&1; then
+        command -v "python$v"
+        return 0
+    fi
+    for bin in "${PYENV_ROOT:-$HOME/.pyenv}/versions/$v".*/bin/"python$v"; do
+        if [ -x "$bin" ]; then
+            echo "$bin"
+            return 0
+        fi
+    done
+    return 1
+}
+other_pythons() {
+    # The tests that need no server, on the oldest and the newest other CPython this
+    # machine has: how tracing and asyncio's scheduling behave changes between
+    # versions, and the suite relies on both. Each gets a venv of its own (.venv-3.X).
+    local main v found=() rc=0
+    main=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    for v in 3.10 3.11 3.12 3.13 3.14; do
+        [ "$v" != "$main" ] && find_python "$v" >/dev/null && found+=("$v")
+    done
+    if [ ${#found[@]} -eq 0 ]; then
+        echo "no other CPython >= 3.10 found: skipped"
+        return 0
+    fi
+    local pick=("${found[0]}")
+    [ ${#found[@]} -gt 1 ] && pick+=("${found[-1]}")
+    for v in "${pick[@]}"; do
+        echo "--- Python $v: tests/core tests/shell"
+        PYTHON=$(find_python "$v") VENV=".venv-$v" EXTRAS=test,binary bash scripts/bootstrap.sh &&
+            HYPOTHESIS_PROFILE=dev ".venv-$v/bin/python" -m pytest -q -p no:cacheprovider \
+                tests/core tests/shell || rc=1
+    done
+    return $rc
+}
+if [ $# -eq 0 ]; then
+    step "other Pythons" other_pythons
+fi
+
 section summary
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'FAILED: %s\n' "${failed[@]}"
