@@ -470,7 +470,7 @@ async def test_cancelled_inside_check(dsn: str, left_in: str) -> None:
 async def test_timeout_around_getconn(dsn: str, how: str) -> None:
     async with async_pool(dsn) as pool:
         conn = await pool.getconn()
-        with pytest.raises(TimeoutError):
+        with pytest.raises(asyncio.TimeoutError):  # not yet TimeoutError on Python 3.10
             if how == "asyncio.wait_for":
                 await asyncio.wait_for(pool.getconn(), 0.05)
             else:
@@ -492,7 +492,7 @@ async def test_timeouts_racing_returns_lose_no_connection(dsn: str) -> None:
             for _ in range(25):
                 try:
                     conn = await asyncio.wait_for(pool.getconn(), rng.choice([0, 0.001, 0.003]))
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     continue
                 served += 1
                 await asyncio.sleep(rng.choice([0, 0, 0.001]))

@@ -20,6 +20,11 @@ import pytest
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "signal_storm.py"
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="Python 3.10 runs signal handlers between almost any two instructions:"
+    " not guarded against (docs/differences.md)",
+)
 @pytest.mark.parametrize("query", [False, True], ids=["no-query", "query"])
 @pytest.mark.parametrize("api", ["connection", "getconn"])
 def test_signal_storm_loses_nothing(dsn: str, api: str, query: bool) -> None:

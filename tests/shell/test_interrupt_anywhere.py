@@ -59,7 +59,14 @@ HOT_PATH: list[Callable[..., Any]] = [
 CODES: set[CodeType] = {fn.__code__ for fn in HOT_PATH}
 CALLS = {
     dis.opmap[name]
-    for name in ("CALL", "CALL_FUNCTION", "CALL_METHOD", "CALL_FUNCTION_KW", "CALL_FUNCTION_EX")
+    for name in (
+        "CALL",
+        "CALL_KW",
+        "CALL_FUNCTION",
+        "CALL_METHOD",
+        "CALL_FUNCTION_KW",
+        "CALL_FUNCTION_EX",
+    )
     if name in dis.opmap
 }
 
@@ -97,6 +104,8 @@ class Injector:
     def local(self, frame: FrameType, event: str, arg: Any) -> Any:
         if self.where is not None:
             return None
+        # Set again here: Python 3.13 ignores it when set at the call event.
+        frame.f_trace_opcodes = True
         if event == "opcode":
             called = self.calling.pop(frame, None)
             if called is not None and called == self.started:  # no Python frame: C

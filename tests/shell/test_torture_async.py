@@ -84,12 +84,22 @@ def wait_gate(ctx: ACtx, how: str) -> Gate | None:
     return ctx.fakes.block("wait") if how == "interrupt" else None
 
 
+async def queued_victim(ctx: ACtx, how: str, **kwargs: Any) -> Actor:
+    """A victim client, once it waits for a connection (or has already ended).
+
+    Waited for, not assumed: on Python >= 3.12 `reached()` on an event already set
+    does not yield to the loop, so a victim created after its gate was reached by
+    another actor would not have started by the time it is interrupted.
+    """
+    victim = ctx.client("victim", timeout=victim_timeout(how), **kwargs)
+    await until(lambda: ctx.pool._core.n_waiting or victim.done.is_set(), "the victim to queue")
+    return victim
+
+
 async def _queued(ctx: ACtx, how: str, **kwargs: Any) -> tuple[Actor, Gate | None]:
     await ctx.holder()
     gate = wait_gate(ctx, how)
-    victim = ctx.client("victim", timeout=victim_timeout(how), **kwargs)
-    await until(lambda: ctx.pool._core.n_waiting or victim.done.is_set(), "the victim to queue")
-    return victim, gate
+    return await queued_victim(ctx, how, **kwargs), gate
 
 
 @spot("queue", QUEUE, max_size=1)
@@ -237,7 +247,7 @@ async def reach_return_waiter(ctx: ACtx, how: str) -> tuple[Actor, Gate]:
     ctx.client("returner", tx=INTRANS)
     await reached(gate.reached, "the rollback")
     waiting = wait_gate(ctx, how)
-    return ctx.client("victim", timeout=victim_timeout(how)), waiting or gate
+    return await queued_victim(ctx, how), waiting or gate
 
 
 async def _bg_return(ctx: ACtx, how: str, point: str, tx: Any = None) -> tuple[Actor, Gate]:
@@ -246,7 +256,7 @@ async def _bg_return(ctx: ACtx, how: str, point: str, tx: Any = None) -> tuple[A
     gate = ctx.fakes.block(point)
     ctx.client("returner", tx=tx)
     await reached(gate.reached, f"the {point} in the background")
-    return ctx.client("victim", timeout=victim_timeout(how)), gate
+    return await queued_victim(ctx, how), gate
 
 
 @spot("reset", BG_RETURN, max_size=1, callbacks=("reset",))
@@ -313,7 +323,7 @@ async def reach_pool_check_waiter(ctx: ACtx, how: str) -> tuple[Actor, Gate]:
     ctx.op("checker", ctx.pool.check)
     await reached(gate.reached, "the check")
     waiting = wait_gate(ctx, how)
-    return ctx.client("victim", timeout=victim_timeout(how)), waiting or gate
+    return await queued_victim(ctx, how), waiting or gate
 
 
 async def _waiting(
