@@ -107,7 +107,9 @@ else
     quietly "$python" -m venv "$venv" || die "$python -m venv failed"
 fi
 
-if [ "$venv/.stamp" -nt pyproject.toml ]; then
+# (A pip constraints file, $PIP_CONSTRAINT, counts as part of the requirements.)
+if [ "$venv/.stamp" -nt pyproject.toml ] &&
+    { [ -z "${PIP_CONSTRAINT:-}" ] || [ "$venv/.stamp" -nt "$PIP_CONSTRAINT" ]; }; then
     exit 0
 fi
 log "installing the project and its test dependencies into $venv ..."

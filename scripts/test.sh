@@ -65,7 +65,8 @@ find_python() {
 other_pythons() {
     # The tests that need no server, on the oldest and the newest other CPython this
     # machine has: how tracing and asyncio's scheduling behave changes between
-    # versions, and the suite relies on both. Each gets a venv of its own (.venv-3.X).
+    # versions, and the suite relies on both. Each gets a venv of its own (.venv-3.X);
+    # the oldest also gets the oldest psycopg supported (scripts/oldest-deps.txt).
     local main v found=() rc=0
     main=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     for v in 3.10 3.11 3.12 3.13 3.14; do
@@ -77,11 +78,15 @@ other_pythons() {
     fi
     local pick=("${found[0]}")
     [ ${#found[@]} -gt 1 ] && pick+=("${found[-1]}")
+    local constraint=scripts/oldest-deps.txt
     for v in "${pick[@]}"; do
         echo "--- Python $v: tests/core tests/shell"
-        PYTHON=$(find_python "$v") VENV=".venv-$v" EXTRAS=test,binary bash scripts/bootstrap.sh &&
+        PIP_CONSTRAINT=$constraint PYTHON=$(find_python "$v") VENV=".venv-$v" EXTRAS=test,binary \
+            bash scripts/bootstrap.sh &&
+            ".venv-$v/bin/python" -c 'import psycopg; print("psycopg", psycopg.__version__)' &&
             HYPOTHESIS_PROFILE=dev ".venv-$v/bin/python" -m pytest -q -p no:cacheprovider \
                 tests/core tests/shell || rc=1
+        constraint=
     done
     return $rc
 }
