@@ -507,6 +507,46 @@ async def test_timeouts_racing_returns_lose_no_connection(dsn: str) -> None:
         await await_stat(pool, "pool_available", 2)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks: Python 3.12+")
+@run_async
+async def test_eager_tasks_lose_nothing(dsn: str) -> None:
+    """Under asyncio's eager task factory a task the pool spawns (a connection attempt,
+    a background return) runs inside the call that spawns it, up to its first wait.
+    Clients timing out at random while the pool grows: still no connection lost or
+    lent to two clients at once."""
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+    rng = random.Random(7)
+    in_use: set[int] = set()
+    try:
+        async with async_pool(dsn, min_size=1, max_size=4) as pool:
+
+            async def client() -> int:
+                served = 0
+                for _ in range(30):
+                    try:
+                        async with asyncio.timeout(rng.choice([0.001, 0.01, 1.0])):  # type: ignore[attr-defined]
+                            async with pool.connection() as conn:
+                                assert id(conn) not in in_use, "lent to two clients"
+                                in_use.add(id(conn))
+                                try:
+                                    await conn.execute("SELECT 1")
+                                finally:
+                                    in_use.discard(id(conn))
+                                served += 1
+                    except TimeoutError:
+                        continue
+                return served
+
+            served = await asyncio.gather(*(client() for _ in range(20)))
+            assert sum(served) > 0
+            assert pool_stat(pool, "requests_waiting") == 0
+            assert pool_stat(pool, "pool_size") == 4
+            await await_stat(pool, "pool_available", 4)
+    finally:
+        loop.set_task_factory(None)
+
+
 @run_async
 async def test_cancelled_inside_reset_replaces_the_connection(dsn: str) -> None:
     cancel = True
