@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import sys
 import threading
 from typing import Any
 
@@ -119,6 +120,20 @@ def blocking_points(monkeypatch: pytest.MonkeyPatch, fakes: Fakes) -> None:
 @pytest.mark.parametrize("seed", SEEDS)
 @aharness.run_async
 async def test_chaos_async(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    await chaos_async(seed, monkeypatch)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks: Python 3.12+")
+@pytest.mark.parametrize("seed", SEEDS)
+@aharness.run_async
+async def test_chaos_async_eager_tasks(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same, with every task (the pool's own too) started inside the call that
+    creates it, up to its first wait (asyncio.eager_task_factory)."""
+    asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+    await chaos_async(seed, monkeypatch)
+
+
+async def chaos_async(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(seed)
     async with aharness.scenario(**pool_args(rng)) as ctx:
         blocking_points(monkeypatch, ctx.fakes)
