@@ -67,21 +67,25 @@ other_pythons() {
     # machine has: how tracing and asyncio's scheduling behave changes between
     # versions, and the suite relies on both. Each gets a venv of its own (.venv-3.X);
     # the oldest also gets the oldest psycopg supported (scripts/oldest-deps.txt).
-    local main v found=() rc=0
+    local main v bin found=() paths=() rc=0
     main=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     for v in 3.10 3.11 3.12 3.13 3.14; do
-        [ "$v" != "$main" ] && find_python "$v" >/dev/null && found+=("$v")
+        if [ "$v" != "$main" ] && bin=$(find_python "$v"); then
+            found+=("$v")
+            paths+=("$bin")
+        fi
     done
     if [ ${#found[@]} -eq 0 ]; then
         echo "no other CPython >= 3.10 found: skipped"
         return 0
     fi
-    local pick=("${found[0]}")
-    [ ${#found[@]} -gt 1 ] && pick+=("${found[-1]}")
-    local constraint=scripts/oldest-deps.txt
-    for v in "${pick[@]}"; do
+    local pick=(0)
+    [ ${#found[@]} -gt 1 ] && pick+=($((${#found[@]} - 1)))
+    local i constraint=scripts/oldest-deps.txt
+    for i in "${pick[@]}"; do
+        v=${found[$i]}
         echo "--- Python $v: tests/core tests/shell"
-        PIP_CONSTRAINT=$constraint PYTHON=$(find_python "$v") VENV=".venv-$v" EXTRAS=test,binary \
+        PIP_CONSTRAINT=$constraint PYTHON=${paths[$i]} VENV=".venv-$v" EXTRAS=test,binary \
             bash scripts/bootstrap.sh &&
             ".venv-$v/bin/python" -c 'import psycopg; print("psycopg", psycopg.__version__)' &&
             HYPOTHESIS_PROFILE=dev ".venv-$v/bin/python" -m pytest -q -p no:cacheprovider \
