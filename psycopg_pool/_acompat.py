@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from queue import Empty, SimpleQueue
 from typing import Any, ClassVar
 
@@ -58,6 +58,61 @@ def acheck_cancelled() -> None:
 
 def check_cancelled() -> None:
     pass
+
+
+def arun_now(
+    spawn: Callable[..., None], fn: Callable[..., Coroutine[Any, Any, None]], *args: Any
+) -> None:
+    """Run `fn(*args)` in the caller until it first suspends; `spawn` a task for the rest.
+
+    For work a client expects done when its call returns (closing the connection
+    it gave back) in code that is not a coroutine: psycopg's own `close()` never
+    suspends, an override may.
+    """
+    coro = fn(*args)
+    try:
+        step = coro.send(None)
+    except StopIteration:
+        return
+    spawn(_finish, _Rest(coro, step))
+
+
+def run_now(spawn: Callable[..., None], fn: Callable[..., None], *args: Any) -> None:
+    fn(*args)
+
+
+async def _finish(rest: Awaitable[None]) -> None:
+    await rest
+
+
+class _Rest:
+    """What is left of a coroutine that `arun_now()` started: awaiting it resumes it."""
+
+    __slots__ = ("_coro", "_step")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], step: Any) -> None:
+        self._coro = coro
+        self._step = step
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        # What `await` does with a coroutine, from the point where it stopped.
+        coro, step = self._coro, self._step
+        while True:
+            try:
+                sent = yield step
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as ex:
+                try:
+                    step = coro.throw(ex)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    step = coro.send(sent)
+                except StopIteration:
+                    return
 
 
 # ----------------------------------------------------------------------

@@ -41,6 +41,7 @@ from ._acompat import (
     AsyncWatchdog,
     acheck_cancelled,
     aresolve,
+    arun_now,
     asleep,
 )
 from ._core import state as core_state
@@ -764,7 +765,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             if ticket is not None:
                 ticket.wake()
             if cmds:
-                self._execute(cmds)
+                self._execute(cmds, slot)
         except BaseException:
             self._put_back_anyway(slot, conn, taken_at, ticket, cmds)
             raise
@@ -791,7 +792,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             cmds = self._swap_out() if cmds is self._core.out else cmds + self._swap_out()
         if ticket is not None:
             ticket.wake()  # a second wake is a no-op
-        self._execute(cmds)  # what it had not carried out yet
+        self._execute(cmds, slot)  # what it had not carried out yet
 
     def _foreign(self, conn: Any, pool: Any) -> None:
         if pool is _FORKED:
@@ -930,19 +931,19 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 cmds = self._swap_out()
             if ticket is not None:
                 ticket.wake()
-            self._execute(cmds)
+            self._execute(cmds, slot)
         except BaseException:
             # Released: its waiter must still be woken, and the commands carried out.
             if ticket is not None:
                 ticket.wake()
-            self._execute(cmds)
+            self._execute(cmds, slot)
             raise
 
     def _discard(self, slot: Slot, counter: str | None) -> None:
         with self._lock:
             self._core.discard(slot, monotonic(), counter)
             cmds = self._swap_out()
-        self._execute(cmds)
+        self._execute(cmds, slot)
 
     # ------------------------------------------------------------------
     # Maintenance
@@ -1023,7 +1024,14 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         core.out = []
         return cmds
 
-    def _execute(self, cmds: list[Command]) -> None:
+    def _execute(self, cmds: list[Command], own: Slot | None = None) -> None:
+        """Carry out the core's commands; `own`: the slot the caller is giving back.
+
+        The caller's own connection, if it is to be closed, is closed before the
+        call returns, as psycopg_pool 3.3 does: once `putconn()` (or the `with`
+        block) is over, `conn.closed` is true and the server has seen it go.
+        Other connections are closed in the background.
+        """
         # Consumed as carried out: if something interrupts this, what is left can
         # still be executed (see _put_back_anyway()). A command is dropped once it
         # is done: one interrupted as it started is done again.
@@ -1033,7 +1041,11 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             if kind is Wake:
                 cast(Wake, cmd).ticket.wake()
             elif kind is Close:
-                self._spawn(self._close_job, cast(Close, cmd).slot)
+                slot = cast(Close, cmd).slot
+                if slot is own:
+                    self._close_now(slot)
+                else:
+                    self._spawn(self._close_job, slot)
             elif kind is Connect:
                 connect = cast(Connect, cmd)
                 if connect.extra and self._bg is not None:
@@ -1062,6 +1074,10 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
     async def _close_job(self, slot: Slot) -> None:
         if slot.conn is not None:
             await connector.close(slot.conn)
+
+    def _close_now(self, slot: Slot) -> None:
+        if slot.conn is not None:
+            arun_now(self._spawn, connector.close, slot.conn)
 
     async def _connect_job(self, slot: Slot) -> None:
         attempt = connector.AsyncConnectAttempt()

@@ -46,6 +46,7 @@ WORDS = {
     "asleep": "sleep",
     "aresolve": "resolve",
     "acheck_cancelled": "check_cancelled",
+    "arun_now": "run_now",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
     "_connector_async": "_connector",
