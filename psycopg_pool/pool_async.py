@@ -1029,8 +1029,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
 
         The caller's own connection, if it is to be closed, is closed before the
         call returns, as psycopg_pool 3.3 does: once `putconn()` (or the `with`
-        block) is over, `conn.closed` is true and the server has seen it go.
-        Other connections are closed in the background.
+        block) is over, `conn.closed` is true. Other connections are closed in the
+        background.
         """
         # Consumed as carried out: if something interrupts this, what is left can
         # still be executed (see _put_back_anyway()). A command is dropped once it
