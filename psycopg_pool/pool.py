@@ -1185,7 +1185,23 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             self._restart_after_fork()
 
 
-_FORKED = "a pool of the parent process"
+class _ParentPool:
+    """`conn._pool`, in a forked child, of a connection the parent had lent.
+
+    Code that gives a connection back through its `_pool` (Django does,
+    `conn._pool.putconn(conn)`, when a Celery or multiprocessing child closes the
+    connection it inherited) must not fail: the connection is dropped quietly,
+    its socket detached by _after_fork().
+    """
+
+    name = "a pool of the parent process"
+    close_returns = False
+
+    def putconn(self, conn: Any) -> None:
+        conn._pool = None
+
+
+_FORKED = _ParentPool()
 _NO_COMMANDS: list[Command] = []  # only ever read
 _QUEUED = core_state.QUEUED
 _PENDING: Any = object()  # _put_back(): the core has not been told yet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import sys
@@ -10,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()"),
@@ -79,6 +80,46 @@ def test_connection_held_across_fork_fails_in_child_not_in_parent(dsn: str) -> N
             # In the parent the same connection goes on answering correctly.
             assert held.execute("SELECT pg_backend_pid()").fetchone() == held_pid
         assert pool.get_stats()["pool_size"] == 1
+
+
+def test_connection_held_across_fork_given_back_through_its_pool_attribute(dsn: str) -> None:
+    # Django closes a pooled connection with `conn._pool.putconn(conn)`: in a forked
+    # child (Celery prefork, multiprocessing, Django's parallel test runner) that
+    # must drop the parent's connection quietly, not raise AttributeError.
+    with ConnectionPool(dsn, min_size=1, open=True) as pool:
+        pool.wait(5)
+        with pool.connection() as held:
+            held_pid = held.execute("SELECT pg_backend_pid()").fetchone()
+
+            def child() -> int:
+                held._pool.putconn(held)
+                if held._pool is not None:
+                    return 2
+                return 0 if backend_pid(pool) != held_pid else 3
+
+            assert run_in_child(child) == 0
+            assert held.execute("SELECT pg_backend_pid()").fetchone() == held_pid
+        assert pool.get_stats()["pool_size"] == 1
+
+
+def test_async_connection_held_across_fork_given_back_through_its_pool_attribute(
+    dsn: str,
+) -> None:
+    async def parent() -> None:
+        async with AsyncConnectionPool(dsn, min_size=1, open=False) as pool:
+            await pool.wait(5)
+            async with pool.connection() as held:
+
+                def child() -> int:
+                    # A fresh loop in the child, as a forked worker would run.
+                    asyncio.run(held._pool.putconn(held))
+                    return 0 if held._pool is None else 2
+
+                assert run_in_child(child) == 0
+                await held.execute("SELECT 1")
+            assert pool.get_stats()["pool_size"] == 1
+
+    asyncio.run(parent())
 
 
 def _mp_worker(n: int) -> int:
