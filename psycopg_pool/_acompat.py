@@ -503,9 +503,7 @@ class Background:
 
     def stop(self, timeout: float) -> list[str]:
         """Let queued jobs finish, stop the threads; return those still alive."""
-        self.stopped = True
-        for _ in range(self.num_workers):
-            self.queue.put(None)
+        self.release()
         deadline = time.monotonic() + timeout
         me = threading.current_thread()
         late = []
@@ -516,6 +514,12 @@ class Background:
             if t.is_alive():
                 late.append(t.name)
         return late
+
+    def release(self) -> None:
+        """Tell the workers to end once the queued jobs are done; wait for none."""
+        self.stopped = True
+        for _ in range(self.num_workers):
+            self.queue.put(None)
 
 
 def _worker(queue: SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None]) -> None:
@@ -565,8 +569,6 @@ class PoolMixin:
 
     _open_implicit: bool
 
-    def _stop_background(self, timeout: float) -> None: ...
-
     def _open_now(self) -> None: ...
 
     def _restart_after_fork(self) -> None:
@@ -580,9 +582,15 @@ class PoolMixin:
         _warn(_SYNC_OPEN_MSG.format(cls=type(self).__name__), DeprecationWarning)
 
     def __del__(self) -> None:
-        # Threads hold the pool only weakly, so an open pool can be collected: stop them.
-        if getattr(self, "_bg", None) is not None:  # None too if __init__ failed
-            self._stop_background(5.0)
+        # Threads hold the pool only weakly, so an open pool can be collected: tell its
+        # workers to end (the housekeeper ends by itself), but wait for none of them.
+        # A collection runs in whatever thread happens to allocate, which must not
+        # block; and at interpreter exit daemon threads no longer run, so a join waits
+        # out its whole timeout (on Python 3.13.0: 5 s, where upstream waits 5 s for
+        # each thread).
+        bg = getattr(self, "_bg", None)  # None too if __init__ failed
+        if bg is not None:
+            bg.release()
 
 
 def _warn(msg: str, category: type[Warning]) -> None:
