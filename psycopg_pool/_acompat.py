@@ -13,6 +13,7 @@ import inspect
 import itertools
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
@@ -20,7 +21,6 @@ import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from queue import Empty, SimpleQueue
 from typing import Any, ClassVar
 
 from psycopg import AsyncConnection, Connection
@@ -29,8 +29,16 @@ from ._core.state import INF, T_NEW, T_WAITING, Ticket
 
 logger = logging.getLogger("psycopg.pool")
 
-sleep = time.sleep
 asleep = asyncio.sleep
+
+# Threading primitives are looked up when they are created, never bound at import: an
+# application imported before gevent's monkey-patching (gunicorn's gevent worker with
+# `preload_app`) must still get cooperative ones, or a worker blocked on a real queue
+# blocks the whole process.
+
+
+def sleep(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 async def aresolve(value: Any) -> Any:
@@ -304,8 +312,7 @@ class AsyncWatchdog:
 class Watchdog:
     """The same for threads: one daemon thread per process serves every pool."""
 
-    _lock = threading.Lock()
-    _cond = threading.Condition(_lock)
+    _made: ClassVar[dict[str, threading.Condition]] = {}  # made at first use: see sleep()
     _heap: ClassVar[list[list[Any]]] = []
     _seq = itertools.count()
     _thread: ClassVar[threading.Thread | None] = None
@@ -313,14 +320,17 @@ class Watchdog:
     def arm(self, conn: Any, timeout: float) -> list[Any]:
         entry = [time.monotonic() + max(0.0, timeout), next(self._seq), conn]
         cls = type(self)
-        with cls._cond:
+        cond = cls._made.get("cond")
+        if cond is None:  # setdefault(): two threads arming at once keep the same one
+            cond = cls._made.setdefault("cond", threading.Condition())
+        with cond:
             heapq.heappush(cls._heap, entry)
             if cls._thread is None or not cls._thread.is_alive():  # none yet, or forked
                 cls._thread = threading.Thread(
                     target=cls._run, name="psycopg-pool-watchdog", daemon=True
                 )
                 cls._thread.start()
-            cls._cond.notify()
+            cond.notify()
         return entry
 
     def disarm(self, entry: list[Any]) -> None:
@@ -328,17 +338,18 @@ class Watchdog:
 
     @classmethod
     def _run(cls) -> None:
+        cond = cls._made["cond"]
         while True:
-            with cls._cond:
+            with cond:
                 heap = cls._heap
                 while heap and heap[0][2] is None:
                     heapq.heappop(heap)
                 if not heap:
-                    cls._cond.wait()
+                    cond.wait()
                     continue
                 delay = heap[0][0] - time.monotonic()
                 if delay > 0:
-                    cls._cond.wait(delay)
+                    cond.wait(delay)
                     continue
                 conn = heapq.heappop(heap)[2]
             if conn is not None:
@@ -398,7 +409,7 @@ class Wakeup:
     __slots__ = ("_queue",)
 
     def __init__(self) -> None:
-        self._queue: SimpleQueue[None] = SimpleQueue()
+        self._queue: queue.SimpleQueue[None] = queue.SimpleQueue()
 
     def set(self) -> None:
         self._queue.put(None)
@@ -408,7 +419,7 @@ class Wakeup:
     def wait(self, timeout: float | None) -> None:
         try:
             self._queue.get(timeout=timeout)
-        except Empty:
+        except queue.Empty:
             return
         while not self._queue.empty():
             self._queue.get_nowait()
@@ -468,8 +479,8 @@ class Background:
     def __init__(self, name: str, num_workers: int) -> None:
         self.name = name
         self.num_workers = num_workers
-        self.queue: SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None]
-        self.queue = SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None]
+        self.queue = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
         self.stopped = False
 
@@ -522,9 +533,9 @@ class Background:
             self.queue.put(None)
 
 
-def _worker(queue: SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None]) -> None:
+def _worker(jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None]) -> None:
     while True:
-        job = queue.get()
+        job = jobs.get()
         if job is None:
             return
         _run_job(*job)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
-from threading import RLock
 from time import monotonic
 from types import TracebackType
 from typing import Any, Generic, cast
@@ -191,7 +191,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         self._collected: deque[Slot] = deque()
         # Reentrant only so that a lock round can be written out by hand safely (see
         # getconn()): its release() refuses a lock the thread does not hold.
-        self._lock = RLock()
+        self._lock = threading.RLock()
         self._bg: Background | None = None
         self._wakeup = Wakeup()
         self._deadlines = Deadlines(weakref.ref(self))
@@ -1177,7 +1177,8 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 if conn._pool is self:
                     conn._pool = _FORKED
         self._core = old.renewed()
-        self._lock = RLock()  # the parent's may have been held by a thread not copied here
+        # The parent's lock may have been held by a thread not copied here.
+        self._lock = threading.RLock()
         self._collected.clear()
         self._bg = None
         self._wakeup = Wakeup()

@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from threading import RLock
 from time import monotonic
 from types import TracebackType
 from typing import Any, Generic, cast
@@ -189,7 +189,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         self._collected: deque[Slot] = deque()
         # Reentrant only so that a lock round can be written out by hand safely (see
         # getconn()): its release() refuses a lock the thread does not hold.
-        self._lock = RLock()
+        self._lock = threading.RLock()
         self._bg: AsyncBackground | None = None
         self._wakeup = AsyncWakeup()
         self._deadlines = AsyncDeadlines(weakref.ref(self))
@@ -1175,7 +1175,8 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 if conn._pool is self:
                     conn._pool = _FORKED
         self._core = old.renewed()
-        self._lock = RLock()  # the parent's may have been held by a thread not copied here
+        # The parent's lock may have been held by a thread not copied here.
+        self._lock = threading.RLock()
         self._collected.clear()
         self._bg = None
         self._wakeup = AsyncWakeup()
