@@ -288,7 +288,9 @@ def cut_connection(conn: Any) -> None:
     except Exception:
         return
     try:
-        sock = socket.socket(fileno=os.dup(fd))
+        # fromfd() duplicates a descriptor, or on Windows a socket handle (os.dup()
+        # does not take those); the family given does not matter to shutdown().
+        sock = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)
     except OSError:
         return
     try:

@@ -101,7 +101,16 @@ def has_input(conn: Any) -> bool:
         fd = conn.pgconn.socket
     except Exception:
         return True
-    poller = select.poll()
+    poll = getattr(select, "poll", None)
+    if poll is None:
+        # Windows has no poll(); its select() takes a socket handle of any value
+        # (elsewhere select() fails on descriptors past FD_SETSIZE, hence poll()).
+        try:
+            readable, _, broken = select.select([fd], [], [fd], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable or broken)
+    poller = poll()
     poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
     return bool(poller.poll(0))
 

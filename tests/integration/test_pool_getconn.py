@@ -8,6 +8,7 @@ check callback), traps 1-6, 12, 16, 17, and the deliberate differences 1, 2 and 
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from typing import Any
@@ -475,6 +476,27 @@ def test_check_callback_replaces_dead_connections(
         wait_until(lambda: pool.get_stats()["pool_available"] == 3, "three replacements")
     # INFO logs only (whether the check callback or the pool found them dead)
     assert log_messages(caplog, logging.WARNING) == []
+
+
+@pytest.mark.parametrize("looked_at_by", ["poll", "select"])
+def test_idle_connections_closed_by_the_server_are_not_lent(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, looked_at_by: str
+) -> None:
+    """Deliberate difference 9, by poll() and by select(): Windows has no poll()."""
+    if looked_at_by == "select":
+        monkeypatch.delattr(select, "poll")
+    with ConnectionPool(dsn, min_size=2, alive_check_after=0, open=False) as pool:
+        pool.wait(5)
+        conns = [pool.getconn(5) for _ in range(2)]
+        pids = [backend_pid(c) for c in conns]
+        for c in conns:
+            pool.putconn(c)
+        terminate_backends(dsn, *pids)
+        with pool.connection(timeout=5) as conn:
+            assert backend_pid(conn) not in pids
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        # The one about to be lent was found dead, and the other swept with it.
+        assert pool.get_stats()["connections_lost"] == 2
 
 
 def test_failing_check_callback_times_out(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
