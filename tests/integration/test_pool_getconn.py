@@ -453,6 +453,17 @@ def test_check_callback_runs_before_handing_out(dsn: str) -> None:
             assert checked == [conn, conn]
 
 
+def kill_idle_connections(dsn: str, pool: ConnectionPool[Any], n: int) -> list[int]:
+    """Fill the pool with `n` connections, then end their server processes."""
+    pool.wait(5)
+    conns = [pool.getconn(5) for _ in range(n)]
+    pids = [backend_pid(c) for c in conns]
+    for c in conns:
+        pool.putconn(c)
+    terminate_backends(dsn, *pids)
+    return pids
+
+
 def test_check_callback_replaces_dead_connections(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -463,12 +474,7 @@ def test_check_callback_replaces_dead_connections(
     """
     caplog.set_level(logging.INFO, logger="psycopg.pool")
     with ConnectionPool(dsn, min_size=3, check=ConnectionPool.check_connection, open=False) as pool:
-        pool.wait(5)
-        conns = [pool.getconn(5) for _ in range(3)]
-        pids = [backend_pid(c) for c in conns]
-        for c in conns:
-            pool.putconn(c)
-        terminate_backends(dsn, *pids)
+        pids = kill_idle_connections(dsn, pool, 3)
         with pool.connection(timeout=0.8) as conn:
             assert backend_pid(conn) not in pids
             assert conn.execute("SELECT 1").fetchone() == (1,)
@@ -486,12 +492,7 @@ def test_idle_connections_closed_by_the_server_are_not_lent(
     if looked_at_by == "select":
         monkeypatch.delattr(select, "poll")
     with ConnectionPool(dsn, min_size=2, alive_check_after=0, open=False) as pool:
-        pool.wait(5)
-        conns = [pool.getconn(5) for _ in range(2)]
-        pids = [backend_pid(c) for c in conns]
-        for c in conns:
-            pool.putconn(c)
-        terminate_backends(dsn, *pids)
+        pids = kill_idle_connections(dsn, pool, 2)
         with pool.connection(timeout=5) as conn:
             assert backend_pid(conn) not in pids
             assert conn.execute("SELECT 1").fetchone() == (1,)
