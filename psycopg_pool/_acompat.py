@@ -193,24 +193,27 @@ class AsyncDeadlines:
     might not reach it.
     """
 
-    __slots__ = ("_handle", "_last", "_pool")
+    __slots__ = ("_handle", "_last", "_loop", "_pool")
 
     def __init__(self, pool: weakref.ref[Any]) -> None:
         # Weak: an armed timer must not keep a pool alive.
         self._pool = pool
         self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._last = -INF
 
     def add(self, deadline: float) -> bool:
         if deadline < self._last:
             return False
         self._last = deadline
-        if self._handle is None:
+        # A timer armed in a loop that is not this one may never fire (that loop
+        # ended, see AsyncBackground.stranded()): arm one here; the scan is the same.
+        if self._handle is None or self._loop is not asyncio.get_running_loop():
             self._arm(deadline)
         return True
 
     def _arm(self, at: float) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._handle = loop.call_later(max(0.0, at - time.monotonic()), self._fire)
 
     def _fire(self) -> None:
@@ -463,10 +466,33 @@ class AsyncBackground:
         task = asyncio.get_running_loop().create_task(fn(*args), name=name)
         self.daemons.append(task)
 
+    def stranded(self) -> bool:
+        """Is the housekeeper left in a loop that no longer runs, while another does?
+
+        asyncio.run() cancels every task as it ends: a pool opened in one run and
+        used in the next (a global pool, each test in a loop of its own) has lost it.
+        """
+        if not self.daemons:
+            return False
+        loop = self.daemons[-1].get_loop()
+        try:
+            return loop is not asyncio.get_running_loop() and not loop.is_running()
+        except RuntimeError:  # no loop running here
+            return False
+
     async def stop(self, timeout: float) -> list[str]:
         """Wait for the jobs up to `timeout`, cancel the rest; return their names."""
         self.stopped = True
-        pending = [*self.tasks, *self.daemons]
+        here = asyncio.get_running_loop()
+        pending = []
+        for task in [*self.tasks, *self.daemons]:
+            if task.done():
+                continue
+            loop = task.get_loop()
+            if loop is here:
+                pending.append(task)
+            elif not loop.is_closed() and not loop.is_running():
+                task.cancel()  # a task of a loop that has stopped: it ends if that one runs
         if not pending:
             return []
         _done, late = await asyncio.wait(pending, timeout=timeout)
@@ -500,6 +526,9 @@ class Background:
             _run_job(fn, args)
         else:
             self.queue.put((fn, args))
+
+    def stranded(self) -> bool:
+        return False  # threads do not end with an event loop
 
     def extra(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run one job in a thread of its own: the workers may all be stuck."""

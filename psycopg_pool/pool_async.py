@@ -193,6 +193,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         self._bg: AsyncBackground | None = None
         self._wakeup = AsyncWakeup()
         self._deadlines = AsyncDeadlines(weakref.ref(self))
+        self._hk_finalizer: weakref.finalize[Any, Any] | None = None
         self._watchdog = AsyncWatchdog()
         self._stopping = False
         self._open_implicit = False
@@ -283,14 +284,21 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             bg.start(type(self).__name__)
             self._bg = bg
             self._stopping = False
-            self._wakeup = wakeup = AsyncWakeup()
-            self._deadlines = AsyncDeadlines(weakref.ref(self))
+            self._start_housekeeper(bg)
             core.open(monotonic())
             cmds = self._swap_out()
-        bg.daemon(f"{self.name}-scheduler", _housekeeper, weakref.ref(self), wakeup)
-        # Wake the housekeeper when the pool goes away, so that it notices and ends.
-        weakref.finalize(self, wakeup.set)
         self._execute(cmds)
+
+    def _start_housekeeper(self, bg: AsyncBackground) -> None:
+        """Start the housekeeper, with a wake-up and client deadlines of its own."""
+        self._wakeup = wakeup = AsyncWakeup()
+        self._deadlines = AsyncDeadlines(weakref.ref(self))
+        bg.daemon(f"{self.name}-scheduler", _housekeeper, weakref.ref(self), wakeup)
+        # Wake the housekeeper when the pool goes away, so that it notices and ends;
+        # one that is replaced ends by itself (it is no longer the pool's).
+        if self._hk_finalizer is not None:
+            self._hk_finalizer.detach()
+        self._hk_finalizer = weakref.finalize(self, wakeup.set)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop the pool: waiting clients get PoolClosed, idle connections are closed.
@@ -1032,6 +1040,11 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         block) is over, `conn.closed` is true. Other connections are closed in the
         background.
         """
+        bg = self._bg
+        if bg is not None and bg.stranded():
+            # Used from a new event loop, the one it was opened in gone: the
+            # housekeeper (expiry, refills, retries) carries on in this one.
+            self._start_housekeeper(bg)
         # Consumed as carried out: if something interrupts this, what is left can
         # still be executed (see _put_back_anyway()). A command is dropped once it
         # is done: one interrupted as it started is done again.

@@ -19,6 +19,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, AsyncNullConnectionPool, PoolClosed, PoolTimeout
 
 from .helpers import (
+    ASYNC_TEST_TIMEOUT,
     afetchval,
     async_pool,
     await_stat,
@@ -144,6 +145,60 @@ async def test_implicit_open_entered_with_async_with_never_warns(dsn: str) -> No
         async with pool.connection() as conn:
             assert await afetchval(conn, "SELECT 1") == 1
         await pool.putconn(await pool.getconn())
+    assert pool.closed
+
+
+def run_in_new_loop(coro: Any) -> Any:
+    """One `asyncio.run()` of its own: its loop is closed when it returns."""
+    return asyncio.run(asyncio.wait_for(coro, ASYNC_TEST_TIMEOUT))
+
+
+def test_a_pool_carries_on_in_the_next_event_loop(dsn: str) -> None:
+    """A global pool, and code that runs each unit of work in a loop of its own
+    (asyncio.run() per call, each test in a new loop): the loop it was opened in
+    ends, cancelling the pool's tasks. Upstream then never grows nor replaces
+    connections again, and close() fails with 'Event loop is closed'."""
+    pool = AsyncConnectionPool(dsn, min_size=1, max_size=3, max_lifetime=0.5, timeout=5, open=False)
+
+    async def first() -> list[AsyncConnection[Any]]:
+        await pool.open(wait=True, timeout=5)
+        held = [await pool.getconn() for _ in range(3)]
+        # Queued as the loop ends: the shared deadline timer is armed there.
+        asyncio.get_running_loop().create_task(pool.getconn(timeout=60))
+        await await_stat(pool, "requests_waiting", 1)
+        return held
+
+    held = run_in_new_loop(first())
+    assert pool_stat(pool, "requests_waiting") == 0  # the queued task was cancelled
+
+    async def second() -> None:
+        # This client's deadline comes before the one armed in the dead loop.
+        with pytest.raises(PoolTimeout):
+            await pool.getconn(timeout=0.2)
+        for conn in held:
+            await pool.putconn(conn)
+        # The housekeeper runs here now: it closes the connections as they pass
+        # max_lifetime, and opens new ones.
+        opened = pool_stat(pool, "connections_num")
+        await await_until(
+            lambda: pool_stat(pool, "connections_num") > opened, "expired ones replaced"
+        )
+
+    run_in_new_loop(second())
+
+    async def many() -> None:
+        async def query() -> None:
+            async with pool.connection() as conn:
+                await conn.execute("SELECT pg_sleep(0.005)")
+
+        await asyncio.gather(*[query() for _ in range(6)])
+
+    for _ in range(10):
+        run_in_new_loop(many())
+    stats = pool.get_stats()
+    assert stats["pool_available"] == stats["pool_size"] > 0
+    assert stats["requests_waiting"] == 0
+    run_in_new_loop(pool.close())
     assert pool.closed
 
 
