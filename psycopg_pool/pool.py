@@ -293,6 +293,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
 
     def _start_housekeeper(self, bg: Background) -> None:
         """Start the housekeeper, with a wake-up and client deadlines of its own."""
+        old = self._wakeup
         self._wakeup = wakeup = Wakeup()
         self._deadlines = Deadlines(weakref.ref(self))
         bg.daemon(f"{self.name}-scheduler", _housekeeper, weakref.ref(self), wakeup)
@@ -301,6 +302,9 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         if self._hk_finalizer is not None:
             self._hk_finalizer.detach()
         self._hk_finalizer = weakref.finalize(self, wakeup.set)
+        # A housekeeper left in a loop that stopped ends as soon as that loop runs
+        # again (close() may wait for it there).
+        old.set_threadsafe()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the pool: waiting clients get PoolClosed, idle connections are closed.
@@ -1099,7 +1103,12 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         try:
             conn = attempt.run(self)
         except BaseException as ex:
-            logger.warning("error connecting in %r: %s", self.name, mask(str(ex)))
+            if isinstance(ex, Exception):
+                logger.warning("error connecting in %r: %s", self.name, mask(str(ex)))
+            else:
+                # Cancelled (its event loop ended, say) or interrupted: not the
+                # server's doing, and no message of its own to show.
+                logger.info("connection attempt in %r interrupted: %r", self.name, ex)
             fatal = facts.is_fatal(ex)
             with self._lock:
                 self._core.connect_failed(slot, monotonic(), attempt.connect_failed, ex, fatal)

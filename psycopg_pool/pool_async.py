@@ -291,6 +291,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
 
     def _start_housekeeper(self, bg: AsyncBackground) -> None:
         """Start the housekeeper, with a wake-up and client deadlines of its own."""
+        old = self._wakeup
         self._wakeup = wakeup = AsyncWakeup()
         self._deadlines = AsyncDeadlines(weakref.ref(self))
         bg.daemon(f"{self.name}-scheduler", _housekeeper, weakref.ref(self), wakeup)
@@ -299,6 +300,9 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         if self._hk_finalizer is not None:
             self._hk_finalizer.detach()
         self._hk_finalizer = weakref.finalize(self, wakeup.set)
+        # A housekeeper left in a loop that stopped ends as soon as that loop runs
+        # again (close() may wait for it there).
+        old.set_threadsafe()
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop the pool: waiting clients get PoolClosed, idle connections are closed.
@@ -1097,7 +1101,12 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         try:
             conn = await attempt.run(self)
         except BaseException as ex:
-            logger.warning("error connecting in %r: %s", self.name, mask(str(ex)))
+            if isinstance(ex, Exception):
+                logger.warning("error connecting in %r: %s", self.name, mask(str(ex)))
+            else:
+                # Cancelled (its event loop ended, say) or interrupted: not the
+                # server's doing, and no message of its own to show.
+                logger.info("connection attempt in %r interrupted: %r", self.name, ex)
             fatal = facts.is_fatal(ex)
             with self._lock:
                 self._core.connect_failed(slot, monotonic(), attempt.connect_failed, ex, fatal)

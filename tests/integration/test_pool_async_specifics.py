@@ -202,6 +202,39 @@ def test_a_pool_carries_on_in_the_next_event_loop(dsn: str) -> None:
     assert pool.closed
 
 
+def test_a_pool_used_in_other_loops_closes_at_once_in_its_own(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pytest-asyncio's layout: the pool opened in a session loop that stays open
+    but idle, each test running in a loop of its own, the pool closed back in the
+    session loop. The housekeeper moved to each test's loop in turn; the one left
+    idle in the session loop must not hold close() up until its timeout."""
+    caplog.set_level(logging.INFO, logger="psycopg.pool")
+    session = asyncio.new_event_loop()
+    try:
+        pool = AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False)
+        session.run_until_complete(pool.open(wait=True, timeout=5))
+
+        async def a_test() -> None:
+            async def query() -> None:
+                async with pool.connection() as conn:
+                    await conn.execute("SELECT 1")
+
+            # Three at once on one connection: the pool starts a second, which may
+            # still be connecting when the loop ends and cancels it.
+            await asyncio.gather(query(), query(), query())
+
+        run_in_new_loop(a_test())
+        run_in_new_loop(a_test())
+        session.run_until_complete(asyncio.wait_for(pool.close(timeout=10), 5))
+    finally:
+        session.close()
+    assert pool.closed
+    # Neither a housekeeper that would not stop, nor an attempt cancelled with its
+    # loop reported as a server error.
+    assert log_messages(caplog, logging.WARNING) == []
+
+
 # ----------------------------------------------------------------------
 # Callbacks are coroutine functions
 
