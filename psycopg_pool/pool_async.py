@@ -848,8 +848,9 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             with self._lock:
                 self._core.begin_io(slot, monotonic())
             if self._reset is not None:
-                assert self._bg is not None
-                self._bg.spawn(self._clean_job, slot, conn, "returns_bad")
+                # (The pool may have been closed since the check above, in another
+                # thread: _spawn() then runs the job here.)
+                self._spawn(self._clean_job, slot, conn, "returns_bad")
                 spawned = True
             else:
                 await self._clean_job(slot, conn, "returns_bad")
@@ -884,8 +885,9 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             return True
         with self._lock:
             self._core.begin_io(slot, monotonic())
-        if self._bg is not None:
-            self._bg.spawn(self._clean_job, slot, conn, counter)
+        bg = self._bg  # read once: close() in another thread sets it to None
+        if bg is not None:
+            bg.spawn(self._clean_job, slot, conn, counter)
         else:
             self._discard(slot, counter)
         return True
@@ -1060,13 +1062,20 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             elif kind is Close:
                 slot = cast(Close, cmd).slot
                 if slot is own:
-                    self._close_now(slot)
+                    try:
+                        self._close_now(slot)
+                    except BaseException:
+                        # Interrupted (a signal handler's exception, a cancellation):
+                        # this close, again, and the commands after it (a replacement's
+                        # Connect) are carried out in the background before it goes on.
+                        self._execute(cmds)
+                        raise
                 else:
                     self._spawn(self._close_job, slot)
             elif kind is Connect:
                 connect = cast(Connect, cmd)
-                if connect.extra and self._bg is not None:
-                    self._bg.extra(self._connect_job, connect.slot)
+                if connect.extra and bg is not None:
+                    bg.extra(self._connect_job, connect.slot)
                 else:
                     self._spawn(self._connect_job, connect.slot)
             elif kind is Log:

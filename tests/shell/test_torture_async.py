@@ -755,3 +755,19 @@ async def test_refill_after_a_discard_while_waiting_to_retry() -> None:
         TALLY["interruptions"] += 2
         await until(lambda: len(core.live) >= 2, "the pool to refill", 2.0, hang=False)
         await ctx.give_back(second)
+
+
+@run_async
+async def test_interrupted_close_of_a_returned_connection_still_replaces_it() -> None:
+    """A connection comes back in a transaction; its rollback is interrupted, and so
+    is the close that follows, in the caller: the replacement must still be opened."""
+    async with scenario(min_size=1) as ctx:
+        conn = await ctx.take()
+        conn.pgconn.transaction_status = INTRANS
+        ctx.fakes.fail("rollback", Interrupt())
+        ctx.fakes.fail("close", Interrupt())
+        with pytest.raises(Interrupt):
+            await ctx.give_back(conn)
+        TALLY["interruptions"] += 2
+        assert conn.closed
+        await until(lambda: ctx.pool.get_stats()["pool_available"] == 1, "the replacement")

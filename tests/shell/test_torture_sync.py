@@ -564,3 +564,18 @@ def test_broken_return_while_others_take_idle_connections() -> None:
         for t in taken:
             t.go.set()
         TALLY["interruptions"] += 1
+
+
+def test_interrupted_close_of_a_returned_connection_still_replaces_it() -> None:
+    """A connection comes back in a transaction; its rollback is interrupted, and so
+    is the close that follows, in the caller: the replacement must still be opened."""
+    with scenario(min_size=1) as ctx:
+        conn = ctx.take()
+        conn.pgconn.transaction_status = INTRANS
+        ctx.fakes.fail("rollback", Interrupt())
+        ctx.fakes.fail("close", Interrupt())
+        with pytest.raises(Interrupt):
+            ctx.give_back(conn)
+        TALLY["interruptions"] += 2
+        assert conn.closed
+        until(lambda: ctx.pool.get_stats()["pool_available"] == 1, "the replacement")
