@@ -68,6 +68,29 @@ def check_cancelled() -> None:
     pass
 
 
+def acancelling() -> bool:
+    """True if the current task is being cancelled (always False before Python 3.11)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is not None and cancelling() > 0
+
+
+def cancelling() -> bool:
+    return False
+
+
+def acancelled(exc_type: type[BaseException] | None) -> bool:
+    """True if a block is left by a cancellation (which may fire again at any wait).
+
+    Threads have no such thing: an interrupt (KeyboardInterrupt, a signal handler's
+    exception) fires once, and the block's exit may run its rollback.
+    """
+    return exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
+
+
+def cancelled(exc_type: type[BaseException] | None) -> bool:
+    return False
+
+
 def arun_now(
     spawn: Callable[..., None], fn: Callable[..., Coroutine[Any, Any, None]], *args: Any
 ) -> None:

@@ -81,12 +81,13 @@ class ConnectAttempt:
         return conn
 
 
-def clean(pool: ConnectionPool[Any], conn: Any, status: int) -> bool:
+def clean(pool: ConnectionPool[Any], conn: Any, status: int, quiet: bool = False) -> bool:
     """Make a returned connection reusable; False if it must be thrown away.
 
-    Rolls back an open transaction, closes one still running a query, then runs
-    the `reset` callback (upstream runs it even on a connection just closed here,
-    so that a user's reset sees every return; we do the same).
+    Rolls back an open transaction (warning, unless `quiet`: the rollback a block
+    left by an exception owes), closes one still running a query, then runs the
+    `reset` callback (upstream runs it even on a connection just closed here, so that
+    a user's reset sees every return; we do the same).
     """
     if status == UNKNOWN:
         return False
@@ -94,7 +95,8 @@ def clean(pool: ConnectionPool[Any], conn: Any, status: int) -> bool:
         logger.warning("closing returned connection: %s", conn)
         close(conn)
     elif status != IDLE:
-        logger.warning("rolling back returned connection: %s", conn)
+        if not quiet:
+            logger.warning("rolling back returned connection: %s", conn)
         try:
             conn.rollback()
         except Exception as ex:

@@ -41,6 +41,8 @@ from ._acompat import (
     Waiter,
     Wakeup,
     Watchdog,
+    cancelled,
+    cancelling,
     check_cancelled,
     resolve,
     run_now,
@@ -808,6 +810,18 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             ticket.wake()  # a second wake is a no-op
         self._execute(cmds, slot)  # what it had not carried out yet
 
+    def _put_back_later(self, conn: CT) -> None:
+        """Give back a connection that a cancellation leaves in a transaction.
+
+        The rollback the block's exit owes runs in the background. Run here, it would
+        be interrupted by a cancellation that fires again (anyio's cancel scopes do,
+        each time the task waits, until the scope is left), and psycopg would close
+        the connection: one reconnection per cancelled request.
+        """
+        if logger.isEnabledFor(_INFO):
+            logger.info("returning connection to %r", self.name)
+        self._give_back(conn._pool_slot, conn, "returns_bad", quiet=True)  # type: ignore[attr-defined]
+
     def _foreign(self, conn: Any, pool: Any) -> None:
         if pool is _FORKED:
             # Taken before this process was forked: the connection belongs to the
@@ -849,7 +863,9 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 return
             with self._lock:
                 self._core.begin_io(slot, monotonic())
-            if self._reset is not None:
+            if self._reset is not None or cancelling():
+                # In the background: a reset is the user's code, and a task being
+                # cancelled may be cancelled again whenever it waits (see _put_back_later).
                 # (The pool may have been closed since the check above, in another
                 # thread: _spawn() then runs the job here.)
                 self._spawn(self._clean_job, slot, conn, "returns_bad")
@@ -868,12 +884,12 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 self._discard(slot, None)
             raise
 
-    def _give_back(self, slot: Slot, conn: CT, counter: str) -> bool:
-        """Return a connection from the getconn side, never awaiting.
+    def _give_back(self, slot: Slot, conn: CT, counter: str, quiet: bool = False) -> bool:
+        """Return a connection, never awaiting.
 
         Used where the caller is failing (a failed check, a cancellation): any I/O
-        the connection needs is done in the background. Returns False if the
-        connection was found broken.
+        the connection needs is done in the background, `quiet` if a rollback is
+        expected. Returns False if the connection was found broken.
         """
         slot.conn = conn
         conn._pool = None
@@ -889,15 +905,15 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             self._core.begin_io(slot, monotonic())
         bg = self._bg  # read once: close() in another thread sets it to None
         if bg is not None:
-            bg.spawn(self._clean_job, slot, conn, counter)
+            bg.spawn(self._clean_job, slot, conn, counter, quiet)
         else:
             self._discard(slot, counter)
         return True
 
-    def _clean_job(self, slot: Slot, conn: CT, counter: str) -> None:
+    def _clean_job(self, slot: Slot, conn: CT, counter: str, quiet: bool = False) -> None:
         ok = False
         try:
-            ok = connector.clean(self, conn, conn.pgconn.transaction_status)
+            ok = connector.clean(self, conn, conn.pgconn.transaction_status, quiet)
         finally:
             # Also on cancellation: the connection is closed and replaced, never lost.
             if ok:
@@ -1294,13 +1310,18 @@ class _ConnectionContext(Generic[CT]):
     ) -> None:
         conn = self._conn
         pool = self._pool
+        later = False
         try:
             # Ending the transaction is psycopg's job, but on an idle connection it
             # is a no-op that still costs a lock round: skip it then.
             if conn.pgconn.transaction_status != _IDLE:
-                conn.__exit__(exc_type, exc_val, exc_tb)
+                later = cancelled(exc_type) and conn._pool is pool
+                if not later:
+                    conn.__exit__(exc_type, exc_val, exc_tb)
         finally:
-            if not pool._put_back(conn):
+            if later:
+                pool._put_back_later(conn)  # cancelled: see there
+            elif not pool._put_back(conn):
                 pool._putconn_slow(conn)
 
 

@@ -46,6 +46,8 @@ WORDS = {
     "asleep": "sleep",
     "aresolve": "resolve",
     "acheck_cancelled": "check_cancelled",
+    "acancelling": "cancelling",
+    "acancelled": "cancelled",
     "arun_now": "run_now",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",

@@ -11,8 +11,11 @@ import logging
 import random
 import sys
 import warnings
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
+import psycopg
 import pytest
 from psycopg import AsyncConnection
 
@@ -725,3 +728,80 @@ async def test_client_cancelled_inside_connection_block(dsn: str, left_in: str) 
             assert conn.info.transaction_status.name == "IDLE"
         assert pool_stat(pool, "pool_size") == 1
         assert "usage_ms" in pool.get_stats()
+
+
+# A cancellation that keeps firing: anyio's cancel scopes (FastAPI, Starlette, httpx)
+# cancel again at every await until the scope is left, and asyncio code may cancel a
+# task twice (a timeout, then its TaskGroup). The rollback a cancelled block owes must
+# not be one of those awaits, or psycopg closes the connection it interrupts.
+
+
+async def cancelled_again_and_again(body: Callable[[], Awaitable[None]], how: str) -> None:
+    """Run `body()` until it blocks, then cancel it at every await until it ends."""
+    if how == "anyio":
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(body)
+                await asyncio.sleep(0.01)
+                scope.cancel()
+        assert scope.cancelled_caught
+    else:
+        task = asyncio.create_task(body())
+        await asyncio.sleep(0.01)
+        while not task.done():
+            task.cancel()
+            await asyncio.sleep(0)
+        assert task.cancelled()
+
+
+@pytest.mark.parametrize("how", ["anyio", "asyncio"])
+@pytest.mark.parametrize("left_in", ["INTRANS", "INERROR"])
+@run_async
+async def test_a_repeated_cancellation_keeps_the_connection_of_a_block(
+    dsn: str, how: str, left_in: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with async_pool(dsn, max_size=1) as pool:
+        async with pool.connection() as conn:
+            backend = backend_pid(conn)
+
+        async def body() -> None:
+            async with pool.connection() as conn:
+                await conn.execute("SELECT 1")
+                if left_in == "INERROR":
+                    with pytest.raises(psycopg.errors.DivisionByZero):
+                        await conn.execute("SELECT 1 / 0")
+                await asyncio.sleep(30)
+
+        await cancelled_again_and_again(body, how)
+        async with pool.connection(timeout=5.0) as conn:
+            assert backend_pid(conn) == backend  # rolled back, not replaced
+            assert conn.info.transaction_status.name == "IDLE"
+        assert pool_stat(pool, "connections_num") == 1
+        assert pool_stat(pool, "returns_bad") == 0
+    assert messages_as_logged(caplog) == []  # the rollback a block's exit owes is no news
+
+
+@pytest.mark.parametrize("how", ["anyio", "asyncio"])
+@run_async
+async def test_a_repeated_cancellation_keeps_a_connection_given_back_by_putconn(
+    dsn: str, how: str
+) -> None:
+    if not hasattr(asyncio.Task, "cancelling"):
+        pytest.skip("Python < 3.11 cannot tell that the task is being cancelled")
+    async with async_pool(dsn, max_size=1) as pool:
+        async with pool.connection() as conn:
+            backend = backend_pid(conn)
+
+        async def body() -> None:
+            conn = await pool.getconn()
+            try:
+                await conn.execute("SELECT 1")
+                await asyncio.sleep(30)
+            finally:
+                await pool.putconn(conn)
+
+        await cancelled_again_and_again(body, how)
+        async with pool.connection(timeout=5.0) as conn:
+            assert backend_pid(conn) == backend
+            assert conn.info.transaction_status.name == "IDLE"
+        assert pool_stat(pool, "connections_num") == 1

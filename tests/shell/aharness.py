@@ -92,9 +92,21 @@ class Actor(ActorBase):
     async def body(self) -> None:
         raise NotImplementedError
 
-    def cancel(self) -> None:
-        assert self.task is not None
-        self.task.cancel()
+    def cancel(self, again: bool = False) -> None:
+        """Cancel the task; `again`: at each step it takes until it ends, as anyio's
+        cancel scopes do (every wait of its clean-up is cancelled too)."""
+        task = self.task
+        assert task is not None
+        task.cancel()
+        if again:
+            loop = asyncio.get_running_loop()
+
+            def cancel_again() -> None:
+                if not task.done():
+                    task.cancel()
+                    loop.call_soon(cancel_again)
+
+            loop.call_soon(cancel_again)
 
     def expire(self) -> None:
         """Make the actor's `asyncio.timeout` expire now (if it is running)."""

@@ -4,11 +4,12 @@ Each seed builds a different pool (plain or null, with or without check, reset
 and configure callbacks) and runs a few dozen clients whose calls to the fakes
 fail at random, some raising a KeyboardInterrupt-like exception; clients leave
 their connection in every transaction status, raise in their block, close it
-instead of returning it, time out, are cancelled or see their `asyncio.timeout`
-expire, while `check()`, `drain()`, `resize()` and sometimes `close()` run, and
-connections expire, idle out, are checked for liveness or tracked for leaks. The
-table-driven tests put one interruption at one
-point; this puts many anywhere. Afterwards the books must balance as there.
+instead of returning it, time out, are cancelled (once, or at every step until they
+end, as anyio does) or see their `asyncio.timeout` expire, while `check()`,
+`drain()`, `resize()` and sometimes `close()` run, and connections expire, idle out,
+are checked for liveness or tracked for leaks. The table-driven tests put one
+interruption at one point; this puts many anywhere. Afterwards the books must
+balance as there.
 
 These runs found a pool left below min_size after a discard during the
 reconnection delay (now `test_refill_after_a_discard_while_waiting_to_retry`) and
@@ -150,7 +151,7 @@ async def chaos_async(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
                 await asyncio.sleep(0)
             r = rng.random()
             if r < 0.15:
-                rng.choice(clients).cancel()
+                rng.choice(clients).cancel(again=rng.random() < 0.5)
                 hits += 1
             elif r < 0.25 and aharness.HAS_TIMEOUT:
                 rng.choice(clients).expire()
