@@ -33,6 +33,7 @@ from .helpers import (
     pool_stat,
     refused_conninfo,
     run_async,
+    server_pids,
     terminate_backends,
 )
 
@@ -805,3 +806,26 @@ async def test_a_repeated_cancellation_keeps_a_connection_given_back_by_putconn(
             assert backend_pid(conn) == backend
             assert conn.info.transaction_status.name == "IDLE"
         assert pool_stat(pool, "connections_num") == 1
+
+
+@run_async
+async def test_close_under_a_repeated_cancellation_closes_every_connection(dsn: str) -> None:
+    # An application shut down by a cancel scope (a server's shutdown timeout): the
+    # pool's exit runs cancelled at each of its waits, and must not leave connections
+    # open on the server.
+    name = "closed-cancelled"
+    with anyio.CancelScope() as scope:
+        async with async_pool(
+            dsn, min_size=4, max_size=8, kwargs={"application_name": name}
+        ) as pool:
+            conns = [await pool.getconn() for _ in range(6)]
+            for conn in conns[:3]:
+                await conn.execute("SELECT 1")  # each needs a rollback as it comes back
+            for conn in conns:
+                await pool.putconn(conn)
+            scope.cancel()
+            await asyncio.sleep(30)
+    assert scope.cancelled_caught
+    assert pool.closed
+    assert all(conn.closed for conn in conns)
+    await await_until(lambda: not server_pids(dsn, name), "the server to see them closed")
