@@ -1,8 +1,8 @@
 """Where a hand-off's time goes: the pool beside simpler ways to share connections.
 
-One process, `SELECT 1` (autocommit) from `--workers` asyncio tasks (or threads, with
-`--threads`); the modes take turns in slices (A B C ... C B A ...) so that they all see
-the same machine state:
+One process, `SELECT 1` (autocommit, or with a COMMIT: `--transaction`) from
+`--workers` asyncio tasks (or threads, with `--threads`); the modes take turns in
+slices (A B C ... C B A ...) so that they all see the same machine state:
 
 - `baseline`: min(workers, max_size) workers, each on its own dedicated connection;
 - `fifo`: a deque of max_size connections; waiters (a future, or a lock for threads)
@@ -71,19 +71,23 @@ class _FifoContext:
         self._fifo.put(self._conn)
 
 
-async def _fifo_context_request(fifo: _AsyncFifo) -> tuple[float, float]:
+async def _fifo_context_request(fifo: _AsyncFifo, autocommit: bool) -> tuple[float, float]:
     async with _FifoContext(fifo) as conn:
         t1 = clock()
         await (await conn.execute("SELECT 1")).fetchone()
+        if not autocommit:
+            await conn.commit()
     return t1, clock()
 
 
-def _agetconn_request(pool: Any) -> AsyncRequest:
+def _agetconn_request(pool: Any, autocommit: bool) -> AsyncRequest:
     async def req() -> tuple[float, float]:
         conn = await pool.getconn(timeout=CHECKOUT_TIMEOUT)
         try:
             t1 = clock()
             await (await conn.execute("SELECT 1")).fetchone()
+            if not autocommit:
+                await conn.commit()
         finally:
             await pool.putconn(conn)
         return t1, clock()
@@ -91,12 +95,14 @@ def _agetconn_request(pool: Any) -> AsyncRequest:
     return req
 
 
-def _getconn_request(pool: Any) -> SyncRequest:
+def _getconn_request(pool: Any, autocommit: bool) -> SyncRequest:
     def req() -> tuple[float, float]:
         conn = pool.getconn(timeout=CHECKOUT_TIMEOUT)
         try:
             t1 = clock()
             conn.execute("SELECT 1").fetchone()
+            if not autocommit:
+                conn.commit()
         finally:
             pool.putconn(conn)
         return t1, clock()
@@ -137,20 +143,20 @@ def _record(runs: Runs, mode: str, m: Metrics) -> None:
 async def probe_tasks(dsn: str, args: argparse.Namespace, modes: list[str]) -> Runs:
     from psycopg_pool import AsyncConnectionPool
 
-    w, n = args.workers, args.max_size
+    w, n, ac = args.workers, args.max_size, not args.transaction
     connect = psycopg.AsyncConnection.connect
-    pool = AsyncConnectionPool(dsn, min_size=n, max_size=n, kwargs={"autocommit": True}, open=False)
+    pool = AsyncConnectionPool(dsn, min_size=n, max_size=n, kwargs={"autocommit": ac}, open=False)
     await pool.open(wait=True, timeout=CHECKOUT_TIMEOUT)
     _ablate(pool, args.ablate)
-    dedicated = [await connect(dsn, autocommit=True) for _ in range(min(w, n))]
-    fifo_conns = [await connect(dsn, autocommit=True) for _ in range(n)]
+    dedicated = [await connect(dsn, autocommit=ac) for _ in range(min(w, n))]
+    fifo_conns = [await connect(dsn, autocommit=ac) for _ in range(n)]
     fifo = _AsyncFifo(fifo_conns)
     reqs: dict[str, list[AsyncRequest]] = {
-        "baseline": [_adedicated_request(c, True) for c in dedicated],
-        "fifo": [_afifo_request(fifo, True)] * w,
-        "fifo-busy": [_afifo_request(fifo, True, busy=args.busy)] * w,
-        "fifo-ctx": [partial(_fifo_context_request, fifo)] * w,
-        "getconn": [_agetconn_request(pool)] * w,
+        "baseline": [_adedicated_request(c, ac) for c in dedicated],
+        "fifo": [_afifo_request(fifo, ac)] * w,
+        "fifo-busy": [_afifo_request(fifo, ac, busy=args.busy)] * w,
+        "fifo-ctx": [partial(_fifo_context_request, fifo, ac)] * w,
+        "getconn": [_agetconn_request(pool, ac)] * w,
         "pool": [_apool_request(pool)] * w,
     }
     runs: Runs = {m: [] for m in modes}
@@ -170,17 +176,17 @@ async def probe_tasks(dsn: str, args: argparse.Namespace, modes: list[str]) -> R
 def probe_threads(dsn: str, args: argparse.Namespace, modes: list[str]) -> Runs:
     from psycopg_pool import ConnectionPool
 
-    w, n = args.workers, args.max_size
-    pool = ConnectionPool(dsn, min_size=n, max_size=n, kwargs={"autocommit": True}, open=False)
+    w, n, ac = args.workers, args.max_size, not args.transaction
+    pool = ConnectionPool(dsn, min_size=n, max_size=n, kwargs={"autocommit": ac}, open=False)
     pool.open(wait=True, timeout=CHECKOUT_TIMEOUT)
-    dedicated = [psycopg.connect(dsn, autocommit=True) for _ in range(min(w, n))]
-    fifo_conns = [psycopg.connect(dsn, autocommit=True) for _ in range(n)]
+    dedicated = [psycopg.connect(dsn, autocommit=ac) for _ in range(min(w, n))]
+    fifo_conns = [psycopg.connect(dsn, autocommit=ac) for _ in range(n)]
     fifo = _SyncFifo(fifo_conns)
     reqs: dict[str, list[SyncRequest]] = {
-        "baseline": [_dedicated_request(c, True) for c in dedicated],
-        "fifo": [_fifo_request(fifo, True)] * w,
-        "fifo-busy": [_fifo_request(fifo, True, busy=args.busy)] * w,
-        "getconn": [_getconn_request(pool)] * w,
+        "baseline": [_dedicated_request(c, ac) for c in dedicated],
+        "fifo": [_fifo_request(fifo, ac)] * w,
+        "fifo-busy": [_fifo_request(fifo, ac, busy=args.busy)] * w,
+        "getconn": [_getconn_request(pool, ac)] * w,
         "pool": [_pool_request(pool)] * w,
     }
     modes = [m for m in modes if m in reqs]
@@ -236,6 +242,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dsn", default=os.environ.get("DATABASE_URL"))
     ap.add_argument("--threads", action="store_true", help="threads rather than asyncio tasks")
+    ap.add_argument(
+        "--transaction", action="store_true", help="not autocommit: a COMMIT per request"
+    )
     ap.add_argument("--workers", type=int, default=1024)
     ap.add_argument("--max-size", type=int, default=16)
     ap.add_argument("--slice", type=float, default=0.4, help="seconds per slice")
@@ -254,7 +263,8 @@ def main() -> int:
     kind = "threads" if args.threads else "tasks"
     ablated = f", ablated: {','.join(args.ablate)}" if args.ablate else ""
     print(
-        f"{args.workers} {kind}, max_size {args.max_size}, {args.rounds} x {args.slice} s"
+        f"{args.workers} {kind}, max_size {args.max_size},"
+        f" {'transaction' if args.transaction else 'autocommit'}, {args.rounds} x {args.slice} s"
         f" per mode, fifo-busy {args.busy} loops{ablated}\n"
     )
     print("\n".join(table(runs)))
