@@ -79,12 +79,16 @@ def cancelling() -> bool:
 
 
 def acancelled(exc_type: type[BaseException] | None) -> bool:
-    """True if a block is left by a cancellation (which may fire again at any wait).
+    """True if a block is left by an exception while its task is being cancelled.
 
+    Then any wait may be cancelled again. The exception is the cancellation itself,
+    or one that carries it (an exception group from a task group inside the block).
     Threads have no such thing: an interrupt (KeyboardInterrupt, a signal handler's
     exception) fires once, and the block's exit may run its rollback.
     """
-    return exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
+    if exc_type is None:
+        return False
+    return issubclass(exc_type, asyncio.CancelledError) or acancelling()
 
 
 def cancelled(exc_type: type[BaseException] | None) -> bool:

@@ -755,23 +755,43 @@ async def cancelled_again_and_again(body: Callable[[], Awaitable[None]], how: st
         assert task.cancelled()
 
 
+async def fails_as_it_is_cancelled() -> None:
+    try:
+        await asyncio.sleep(30)
+    finally:
+        raise ValueError("clean-up failed")
+
+
 @pytest.mark.parametrize("how", ["anyio", "asyncio"])
-@pytest.mark.parametrize("left_in", ["INTRANS", "INERROR"])
+@pytest.mark.parametrize("left_in", ["INTRANS", "INERROR", "group"])
 @run_async
 async def test_a_repeated_cancellation_keeps_the_connection_of_a_block(
     dsn: str, how: str, left_in: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    if left_in == "group" and not hasattr(asyncio.Task, "cancelling"):
+        pytest.skip("Python < 3.11 cannot tell that the task is being cancelled")
     async with async_pool(dsn, max_size=1) as pool:
         async with pool.connection() as conn:
             backend = backend_pid(conn)
 
         async def body() -> None:
-            async with pool.connection() as conn:
-                await conn.execute("SELECT 1")
-                if left_in == "INERROR":
-                    with pytest.raises(psycopg.errors.DivisionByZero):
-                        await conn.execute("SELECT 1 / 0")
-                await asyncio.sleep(30)
+            try:
+                async with pool.connection() as conn:
+                    await conn.execute("SELECT 1")
+                    if left_in == "INERROR":
+                        with pytest.raises(psycopg.errors.DivisionByZero):
+                            await conn.execute("SELECT 1 / 0")
+                    if left_in == "group":
+                        # The block is left by an exception group, not the cancellation.
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(fails_as_it_is_cancelled)
+                            await asyncio.sleep(30)
+                    await asyncio.sleep(30)
+            except Exception as ex:
+                if left_in != "group":
+                    raise
+                assert "clean-up failed" in repr(ex)
+                raise asyncio.CancelledError from None  # what the group stood for
 
         await cancelled_again_and_again(body, how)
         async with pool.connection(timeout=5.0) as conn:
