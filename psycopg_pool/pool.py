@@ -820,7 +820,14 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         """
         if logger.isEnabledFor(_INFO):
             logger.info("returning connection to %r", self.name)
-        self._give_back(conn._pool_slot, conn, "returns_bad", quiet=True)  # type: ignore[attr-defined]
+        slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+        if self._null and not self._core.n_waiting:
+            # As in _putconn_slow(): nobody will reuse it, close it without cleaning.
+            slot.conn = conn
+            conn._pool = None
+            self._discard(slot, None)
+            return
+        self._give_back(slot, conn, "returns_bad", quiet=True)
 
     def _foreign(self, conn: Any, pool: Any) -> None:
         if pool is _FORKED:

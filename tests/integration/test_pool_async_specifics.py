@@ -737,26 +737,31 @@ async def test_client_cancelled_inside_connection_block(dsn: str, left_in: str) 
 # not be one of those awaits, or psycopg closes the connection it interrupts.
 
 
-async def cancelled_again_and_again(body: Callable[[], Awaitable[None]], how: str) -> None:
-    """Run `body()` until it blocks, then cancel it at every await until it ends."""
+async def cancelled_again_and_again(
+    body: Callable[[asyncio.Event], Awaitable[None]], how: str
+) -> None:
+    """Run `body(blocked)` until it sets `blocked`, then cancel it at every await until
+    it ends."""
+    blocked = asyncio.Event()
     if how == "anyio":
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(body)
-                await asyncio.sleep(0.01)
+                tg.start_soon(body, blocked)
+                await blocked.wait()
                 scope.cancel()
         assert scope.cancelled_caught
     else:
-        task = asyncio.create_task(body())
-        await asyncio.sleep(0.01)
+        task = asyncio.create_task(body(blocked))
+        await blocked.wait()
         while not task.done():
             task.cancel()
             await asyncio.sleep(0)
         assert task.cancelled()
 
 
-async def fails_as_it_is_cancelled() -> None:
+async def fails_as_it_is_cancelled(blocked: asyncio.Event) -> None:
     try:
+        blocked.set()
         await asyncio.sleep(30)
     finally:
         raise ValueError("clean-up failed")
@@ -774,7 +779,7 @@ async def test_a_repeated_cancellation_keeps_the_connection_of_a_block(
         async with pool.connection() as conn:
             backend = backend_pid(conn)
 
-        async def body() -> None:
+        async def body(blocked: asyncio.Event) -> None:
             try:
                 async with pool.connection() as conn:
                     await conn.execute("SELECT 1")
@@ -784,8 +789,9 @@ async def test_a_repeated_cancellation_keeps_the_connection_of_a_block(
                     if left_in == "group":
                         # The block is left by an exception group, not the cancellation.
                         async with anyio.create_task_group() as tg:
-                            tg.start_soon(fails_as_it_is_cancelled)
+                            tg.start_soon(fails_as_it_is_cancelled, blocked)
                             await asyncio.sleep(30)
+                    blocked.set()
                     await asyncio.sleep(30)
             except Exception as ex:
                 if left_in != "group":
@@ -813,10 +819,11 @@ async def test_a_repeated_cancellation_keeps_a_connection_given_back_by_putconn(
         async with pool.connection() as conn:
             backend = backend_pid(conn)
 
-        async def body() -> None:
+        async def body(blocked: asyncio.Event) -> None:
             conn = await pool.getconn()
             try:
                 await conn.execute("SELECT 1")
+                blocked.set()
                 await asyncio.sleep(30)
             finally:
                 await pool.putconn(conn)
@@ -849,3 +856,32 @@ async def test_close_under_a_repeated_cancellation_closes_every_connection(dsn: 
     assert pool.closed
     assert all(conn.closed for conn in conns)
     await await_until(lambda: not server_pids(dsn, name), "the server to see them closed")
+
+
+@pytest.mark.parametrize("how", ["anyio", "asyncio"])
+@run_async
+async def test_a_cancelled_block_of_a_null_pool_closes_its_connection_uncleaned(
+    dsn: str, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    resets = 0
+
+    async def reset(conn: AsyncConnection[Any]) -> None:
+        nonlocal resets
+        resets += 1
+
+    async with AsyncNullConnectionPool(dsn, reset=reset, open=False) as pool:
+        held: list[AsyncConnection[Any]] = []
+
+        async def body(blocked: asyncio.Event) -> None:
+            async with pool.connection() as conn:
+                held.append(conn)
+                await conn.execute("SELECT 1")
+                blocked.set()
+                await asyncio.sleep(30)
+
+        await cancelled_again_and_again(body, how)
+        await await_until(lambda: held[0].closed, "the connection to close")
+        assert resets == 0  # nobody waits for it: no rollback, no reset
+        assert pool_stat(pool, "pool_size") == 0
+        assert pool_stat(pool, "returns_bad") == 0
+    assert messages_as_logged(caplog) == []
