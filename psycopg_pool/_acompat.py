@@ -78,7 +78,7 @@ def cancelling() -> bool:
     return False
 
 
-def acancelled(exc_type: type[BaseException] | None) -> bool:
+def acancelled(exc_type: type[BaseException]) -> bool:
     """True if a block is left by an exception while its task is being cancelled.
 
     Then any wait may be cancelled again. The exception is the cancellation itself,
@@ -86,12 +86,10 @@ def acancelled(exc_type: type[BaseException] | None) -> bool:
     Threads have no such thing: an interrupt (KeyboardInterrupt, a signal handler's
     exception) fires once, and the block's exit may run its rollback.
     """
-    if exc_type is None:
-        return False
     return issubclass(exc_type, asyncio.CancelledError) or acancelling()
 
 
-def cancelled(exc_type: type[BaseException] | None) -> bool:
+def cancelled(exc_type: type[BaseException]) -> bool:
     return False
 
 

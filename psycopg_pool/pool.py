@@ -1322,7 +1322,7 @@ class _ConnectionContext(Generic[CT]):
             # Ending the transaction is psycopg's job, but on an idle connection it
             # is a no-op that still costs a lock round: skip it then.
             if conn.pgconn.transaction_status != _IDLE:
-                later = cancelled(exc_type) and conn._pool is pool
+                later = exc_type is not None and cancelled(exc_type) and conn._pool is pool
                 if not later:
                     conn.__exit__(exc_type, exc_val, exc_tb)
         finally:

@@ -1320,7 +1320,7 @@ class _AsyncConnectionContext(Generic[ACT]):
             # Ending the transaction is psycopg's job, but on an idle connection it
             # is a no-op that still costs a lock round: skip it then.
             if conn.pgconn.transaction_status != _IDLE:
-                later = acancelled(exc_type) and conn._pool is pool
+                later = exc_type is not None and acancelled(exc_type) and conn._pool is pool
                 if not later:
                     await conn.__aexit__(exc_type, exc_val, exc_tb)
         finally:
