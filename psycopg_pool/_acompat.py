@@ -52,19 +52,35 @@ def resolve(value: Any) -> Any:
     return value
 
 
-def acheck_cancelled() -> None:
-    """Raise CancelledError if the current task is being cancelled.
+def acheck_cancelled(ex: Exception, outer: BaseException | None) -> None:
+    """Raise CancelledError if `ex` was made out of a cancellation of this task.
 
-    For code that caught an Exception which a user callback may have made out of a
-    cancellation: retrying would swallow the cancel (Python >= 3.11 tracks it).
+    A user callback may catch its cancellation and raise an error instead (as a
+    driver answering a cancelled query with QueryCanceled would): retrying would
+    swallow the cancellation, which is then in the error's chain. `cancelling()`
+    alone (Python 3.11+) is not enough: it is also up in a clean-up running as its
+    task is cancelled (in a `finally` under an anyio shield, or under an expired
+    `asyncio.timeout()`), where a check failing for its own reasons must be retried.
+    There every error has the cancellation being handled, `outer` (what
+    `sys.exc_info()` showed as the call began), in its chain: that one is not ours.
+    Nor is one a timeout consumed (`TimeoutError` from `CancelledError`).
     """
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    if cancelling is not None and cancelling():
-        raise asyncio.CancelledError
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    if cancelling is not None and not cancelling():
+        return
+    seen: set[int] = set()
+    todo: list[BaseException] = [ex]
+    while todo:
+        cur = todo.pop()
+        if cur is outer or isinstance(cur, (TimeoutError, asyncio.TimeoutError)):
+            continue
+        if isinstance(cur, asyncio.CancelledError):
+            raise asyncio.CancelledError from ex
+        seen.add(id(cur))
+        todo.extend(e for e in (cur.__cause__, cur.__context__) if e and id(e) not in seen)
 
 
-def check_cancelled() -> None:
+def check_cancelled(ex: Exception, outer: BaseException | None) -> None:
     pass
 
 

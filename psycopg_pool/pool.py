@@ -538,6 +538,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         """Lend `slot` once it passes its check; on failure, ask again until the deadline."""
         # Whatever raises while a slot is held (not given back) gives it back.
         holding = True
+        outer = sys.exc_info()[1]  # being handled by the caller (see check_cancelled)
         try:
             if timeout is None:
                 timeout = self.timeout
@@ -559,7 +560,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                     check_error = ex
                     healthy = self._give_back(slot, conn, "connections_lost")
                     holding = False
-                    check_cancelled()
+                    check_cancelled(ex, outer)
                 failures += 1
                 # A dead connection is replaced and the next one tried at once; only a
                 # check that fails on healthy connections (a broken callback) backs off.

@@ -536,6 +536,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         """Lend `slot` once it passes its check; on failure, ask again until the deadline."""
         # Whatever raises while a slot is held (not given back) gives it back.
         holding = True
+        outer = sys.exc_info()[1]  # being handled by the caller (see acheck_cancelled)
         try:
             if timeout is None:
                 timeout = self.timeout
@@ -557,7 +558,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                     check_error = ex
                     healthy = self._give_back(slot, conn, "connections_lost")
                     holding = False
-                    acheck_cancelled()
+                    acheck_cancelled(ex, outer)
                 failures += 1
                 # A dead connection is replaced and the next one tried at once; only a
                 # check that fails on healthy connections (a broken callback) backs off.

@@ -885,3 +885,66 @@ async def test_a_cancelled_block_of_a_null_pool_closes_its_connection_uncleaned(
         assert pool_stat(pool, "pool_size") == 0
         assert pool_stat(pool, "returns_bad") == 0
     assert messages_as_logged(caplog) == []
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "anyio shield",
+        pytest.param(
+            "asyncio.timeout",
+            marks=pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.11+"),
+        ),
+    ],
+)
+@run_async
+async def test_a_clean_up_after_a_cancellation_gets_past_a_failed_check(dsn: str, how: str) -> None:
+    # In a clean-up that runs as its task is cancelled (a `finally` under a shield, or
+    # under an expired asyncio.timeout), a check failing for a reason of its own is
+    # retried with the next connection, as anywhere else: the cancellation is not in
+    # that failure, and nothing will cancel the clean-up again.
+    async with async_pool(
+        dsn, min_size=2, max_size=2, check=AsyncConnectionPool.check_connection
+    ) as pool:
+        first, second = [await pool.getconn() for _ in range(2)]
+        dead, alive = backend_pid(first), backend_pid(second)
+        await pool.putconn(first)
+        await pool.putconn(second)
+        terminate_backends(dsn, dead)  # the next one lent, and it fails its check
+        got: list[int] = []
+
+        async def clean_up() -> None:
+            async with pool.connection() as conn:
+                got.append(backend_pid(conn))
+
+        if how == "anyio shield":
+            with anyio.CancelScope() as scope:
+                try:
+                    scope.cancel()
+                    await asyncio.sleep(30)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await clean_up()
+            assert scope.cancelled_caught
+        else:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0):  # type: ignore[attr-defined]
+                    try:
+                        await asyncio.sleep(30)
+                    finally:
+                        await clean_up()
+        assert got == [alive]
+        assert pool_stat(pool, "connections_lost") == 1
+
+
+@run_async
+async def test_a_check_timing_out_on_its_own_is_a_failed_check(dsn: str) -> None:
+    # Its TimeoutError comes from a CancelledError (asyncio's timeouts cancel what they
+    # bound): not a cancellation of the client, which gets PoolTimeout, not cancelled.
+    async def check(conn: AsyncConnection[Any]) -> None:
+        await asyncio.wait_for(asyncio.Event().wait(), 0.01)
+
+    async with async_pool(dsn, check=check) as pool:
+        with pytest.raises(PoolTimeout, match="check"):
+            await pool.getconn(timeout=0.3)
+        assert pool_stat(pool, "pool_size") == 1

@@ -522,7 +522,6 @@ async def test_cancelled_twice_while_ending_the_transaction() -> None:
         TALLY["interruptions"] += 2
 
 
-@pytest.mark.skipif(not HAS_TIMEOUT, reason="Python < 3.11 has no Task.cancelling()")
 @run_async
 async def test_check_turning_cancellation_into_an_error() -> None:
     """A check that reports its cancellation as an error must not swallow it.
