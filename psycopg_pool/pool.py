@@ -14,6 +14,7 @@ released; all I/O goes through `_connector`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -52,6 +53,7 @@ from ._core import state as core_state
 from ._core.backoff import DELAY_BACKOFF, DELAY_JITTER, INITIAL_DELAY
 from ._core.commands import (
     Close,
+    Collect,
     Command,
     Connect,
     LeakSuspected,
@@ -92,6 +94,7 @@ CT = TypeVar("CT", bound=Connection[Any], default=Connection[Any])
 # Plain ints: comparing with an IntEnum member is measurably slower on the hot path.
 _IDLE = int(TransactionStatus.IDLE)
 _UNKNOWN = int(TransactionStatus.UNKNOWN)
+_IN_USE = core_state.IN_USE
 
 
 class ConnectionPool(PoolMixin, Generic[CT]):
@@ -190,7 +193,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             else _config.check_seconds("alive_check_after", alive_check_after)
         )
         # Slots whose lent connection was garbage-collected without being returned.
-        self._collected: deque[Slot] = deque()
+        self._collected: deque[tuple[Slot, float]] = deque()  # (slot, taken_at then)
         # Reentrant only so that a lock round can be written out by hand safely (see
         # getconn()): its release() refuses a lock the thread does not hold.
         self._lock = threading.RLock()
@@ -753,9 +756,12 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             info = logger.isEnabledFor(_INFO)
         if info:
             logger.info("returning connection to %r", self.name)
+        slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+        if slot.state != _IN_USE:
+            self._put_back_forgotten(slot, conn)
+            return True
         if conn.pgconn.transaction_status != _IDLE or self._reset is not None:
             return False
-        slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
         taken_at = slot.taken_at
         core = self._core
         lock = self._lock
@@ -811,6 +817,18 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             ticket.wake()  # a second wake is a no-op
         self._execute(cmds, slot)  # what it had not carried out yet
 
+    def _put_back_forgotten(self, slot: Slot, conn: CT) -> None:
+        """A connection comes back that the pool gave up as garbage and replaced.
+
+        A generator abandoned in a `connection()` block is closed by its finalizer,
+        which runs after the collector cleared the weak references to its garbage:
+        the pool took that for a dropped connection (see _reap()). Closed now.
+        """
+        logger.info("closing a connection of %r returned after it was replaced", self.name)
+        conn._pool = None
+        slot.conn = conn
+        self._close_now(slot)
+
     def _put_back_later(self, conn: CT) -> None:
         """Give back a connection that a cancellation leaves in a transaction.
 
@@ -822,6 +840,9 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         if logger.isEnabledFor(_INFO):
             logger.info("returning connection to %r", self.name)
         slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
+        if slot.state != _IN_USE:
+            self._put_back_forgotten(slot, conn)
+            return
         if self._null and not self._core.n_waiting:
             # As in _putconn_slow(): nobody will reuse it, close it without cleaning.
             slot.conn = conn
@@ -1114,6 +1135,10 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 self._spawn(self.reconnect_failed)
             elif kind is LeakSuspected:
                 self._report_leak(cast(LeakSuspected, cmd).slot)
+            elif kind is Collect:
+                # Finalizers return what garbage held: an abandoned generator's block
+                # (its close is scheduled in its loop), a dropped connection (_adopt()).
+                gc.collect()
             del cmds[0]
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -1178,7 +1203,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             if pool is not None:
                 # Only lock-free, reentrant-safe steps here: this may run in the middle
                 # of any code, in any thread, the pool's own lock held or not.
-                pool._collected.append(slot)
+                pool._collected.append((slot, slot.taken_at))
                 pool._wakeup.set_threadsafe()
 
         slot.wref = weakref.ref(conn, collected)
@@ -1186,9 +1211,14 @@ class ConnectionPool(PoolMixin, Generic[CT]):
     def _reap(self) -> None:
         """Take back the slots of lent connections that were garbage-collected."""
         while self._collected:
-            slot = self._collected.popleft()
-            if slot.state != core_state.IN_USE:
-                continue  # closed by the pool, and dropped afterwards: nothing lost
+            slot, taken_at = self._collected.popleft()
+            if slot.state != _IN_USE or slot.taken_at != taken_at:
+                # Given back after all: a generator's finalizer (run after the weak
+                # references of the garbage are cleared) closed its `connection()`
+                # block. Or closed by the pool, and dropped afterwards: nothing lost.
+                if slot.conn is not None and slot.state != core_state.CLOSED:
+                    self._adopt(slot, slot.conn)  # its weak reference is dead
+                continue
             where = f", taken at:\n{format_stack(slot.trace)}" if slot.trace else ""
             logger.warning(
                 "a connection of pool %r was garbage-collected without being returned%s",

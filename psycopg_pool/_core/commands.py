@@ -90,6 +90,19 @@ class Rearm(Command):
         return "Rearm()"
 
 
+class Collect(Command):
+    """Run the garbage collector: clients wait while only garbage may hold connections.
+
+    A connection held by an object nobody can reach any more (an abandoned generator,
+    a reference cycle) comes back when the collector frees that object.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Collect()"
+
+
 class Log(Command):
     """A log record; formatted by the shell only if its level is enabled."""
 

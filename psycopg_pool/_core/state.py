@@ -51,6 +51,7 @@ from typing import Any
 from .backoff import Backoff
 from .commands import (
     Close,
+    Collect,
     Command,
     Connect,
     LeakSuspected,
@@ -107,6 +108,15 @@ DEMAND_PROBE_INTERVAL = 0.2
 # a network that went silent: it is abandoned (see _abandon_stuck), so that a network
 # that heals meanwhile is tried at once rather than after the connect timeout.
 STUCK_AFTER = 2.0
+
+# A client that has waited this long while every connection is out, and none can be
+# opened, may be waiting for a connection that only garbage holds: a generator
+# abandoned in the middle of its `connection()` block (a streaming response whose
+# client went away), a connection dropped in a reference cycle. Python's cycle
+# collector may not run for minutes; the pool then asks for it (`Collect`), at most
+# once every COLLECT_EVERY while the starvation lasts.
+COLLECT_AFTER = 1.0
+COLLECT_EVERY = 10.0
 
 # A metrics exporter that stops scraping must not make the pool grow without bound.
 MAX_SAMPLES = 100_000
@@ -256,6 +266,7 @@ class PoolCore:
         self.shrink_at = INF
         self.min_idle_seen = 0
         self.sleep_until = INF  # the deadline last given to the housekeeper
+        self.collected_at = -INF  # the last Collect
         self.ticked_at = -INF  # the time of the last tick()
         self.out: list[Command] = []
 
@@ -372,6 +383,8 @@ class PoolCore:
         n_live = len(self.live) - self.n_old_epoch
         if self.want_probe or not self.max_size or n_live < self.max_size:
             self._fill(now)  # (at max_size, with no probe due, it would start nothing)
+        elif self.sleep_until > now + COLLECT_AFTER and self._collect_at() < self.sleep_until:
+            self.out.append(Rearm())  # see COLLECT_AFTER
         return QUEUED
 
     def withdraw(self, ticket: Ticket, now: float, wait_ms: int) -> None:
@@ -743,6 +756,15 @@ class PoolCore:
             self._report_leaks(now)
         if self.n_waiting and self.n_connecting:
             self._abandon_stuck(now)
+        if self.n_waiting and self._collect_at() <= now:
+            self.collected_at = now
+            self._log_info(
+                "pool %r: a client has waited %.1f sec with every connection out:"
+                " collecting garbage, which may hold some",
+                self.name,
+                now - self._starved_since(),
+            )
+            self.out.append(Collect())
         self._fill(now)
 
     def _report_leaks(self, now: float) -> None:
@@ -784,6 +806,8 @@ class PoolCore:
                     d = min(d, s.taken_at + self.leak_timeout)
         if self.n_waiting and self.n_connecting:
             d = min(d, self._stuck_at())
+        if self.n_waiting:
+            d = min(d, self._collect_at())
         self.sleep_until = d
         return d
 
@@ -901,6 +925,25 @@ class PoolCore:
             t.tstate = T_DONE
             self.out.append(Wake(t))
         self.ready_waiters.clear()
+
+    def _starved_since(self) -> float:
+        """When the oldest waiting client queued, if every connection is out and none
+        can be opened (INF otherwise): only a return can serve it."""
+        if not self.max_size or len(self.live) - self.n_old_epoch < self.max_size:
+            return INF
+        if self.idle or self.n_connecting or self.n_inline or self.n_checking:
+            return INF
+        for t in self.queue:
+            if t.tstate == T_WAITING:
+                return t.queued_at
+        return INF  # pragma: no cover (n_waiting counts the waiting tickets in queue)
+
+    def _collect_at(self) -> float:
+        """When to ask for a garbage collection (see COLLECT_AFTER)."""
+        since = self._starved_since()
+        if since == INF:
+            return INF
+        return max(since + COLLECT_AFTER, self.collected_at + COLLECT_EVERY)
 
     def _stuck_at(self) -> float:
         """When the oldest attempt that may be abandoned will count as hung."""

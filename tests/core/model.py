@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from psycopg_pool._core import state as st
 from psycopg_pool._core.commands import (
     Close,
+    Collect,
     Connect,
     LeakSuspected,
     Log,
@@ -54,6 +55,7 @@ class Harness:
     reconnect_failed: int = 0
     leaks: list[Slot] = field(default_factory=list)
     rearms: int = 0
+    collects: int = 0
     logs: list[Log] = field(default_factory=list)
     next_ticket: int = 0
     conns: int = 0
@@ -100,6 +102,13 @@ class Harness:
                 rearmed = True
             elif isinstance(cmd, Log):
                 self.logs.append(cmd)
+            elif isinstance(cmd, Collect):
+                # Only while a client has waited COLLECT_AFTER with every connection out.
+                core = self.core
+                assert core.n_waiting and core.max_size
+                assert core.n_busy == len(core.live) >= core.max_size
+                assert core._starved_since() + st.COLLECT_AFTER <= self.now
+                self.collects += 1
             elif isinstance(cmd, LeakSuspected):
                 assert cmd.slot.state == st.IN_USE
                 assert cmd.slot.taken_at + self.core.leak_timeout <= self.now

@@ -603,6 +603,58 @@ def test_a_leak_is_reported_once_per_lending() -> None:
     assert len(h.leaks) == 1
 
 
+def test_a_client_starved_of_connections_gets_a_garbage_collection() -> None:
+    # Every connection out, none can be opened: after COLLECT_AFTER the housekeeper is
+    # asked to collect garbage (which may hold some), then at most every COLLECT_EVERY.
+    h = filled(1, min_size=1, max_size=1, max_lifetime=1e6, max_idle=1e6)
+    h.getconn()
+    assert h.core.next_deadline() >= 1e5  # the housekeeper, asleep with nothing to do
+    rearms = h.rearms
+    _, t = h.getconn()
+    assert t is not None and h.rearms == rearms + 1  # it must wake up for this
+    assert h.core.next_deadline() == st.COLLECT_AFTER
+    h.tick(st.COLLECT_AFTER / 2)
+    assert h.collects == 0
+    h.tick(st.COLLECT_AFTER / 2)
+    assert h.collects == 1
+    assert any("collecting garbage" in log.msg for log in h.logs)
+    assert h.core.next_deadline() == st.COLLECT_AFTER + st.COLLECT_EVERY
+    _, t2 = h.getconn()  # a deadline that near needs no wake-up
+    assert h.rearms == rearms + 1
+    h.tick(st.COLLECT_EVERY - 0.1)
+    assert h.collects == 1
+    h.tick(0.1)
+    assert h.collects == 2
+    # A withdrawn ticket ahead in the queue does not count as waiting.
+    h.withdraw(t)
+    assert h.core.queue[0] is t
+    assert h.core._starved_since() == t2.queued_at  # type: ignore[union-attr]
+    # A return ends the starvation: no more deadline for it.
+    h.putconn(h.held[0])
+    assert h.core.n_waiting == 0
+    assert h.core.next_deadline() >= 1e5
+
+
+def test_no_garbage_collection_while_a_connection_can_still_come() -> None:
+    # Below max_size (an attempt serves the client), or a connection under cleaning.
+    h = filled(1, min_size=1, max_size=2, max_lifetime=1e6)
+    h.getconn()
+    h.getconn()  # queued, and a second connection is being opened for it
+    assert h.connecting
+    h.tick(st.COLLECT_AFTER * 2)
+    assert h.collects == 0
+    h = filled(1, min_size=1, max_size=1, max_lifetime=1e6)
+    h.getconn()
+    h.putconn_dirty(h.held[0])  # rollback under way
+    h.getconn()
+    h.tick(st.COLLECT_AFTER * 2)
+    assert h.collects == 0
+    # A null pool with no max_size can always open one more.
+    n = Harness.make(min_size=0, max_size=0, null=True)
+    n.open()
+    assert n.core._starved_since() == st.INF
+
+
 def test_reprs_name_things() -> None:
     h = Harness.make(min_size=1, max_size=1)
     h.open()
@@ -615,10 +667,11 @@ def test_reprs_name_things() -> None:
         repr(ReconnectFailed()),
     ]
     assert "closed" in texts[0] and all(texts)
-    from psycopg_pool._core.commands import LeakSuspected, Rearm, Wake
+    from psycopg_pool._core.commands import Collect, LeakSuspected, Rearm, Wake
 
     assert "Wake(" in repr(Wake(h.new_ticket()))
     assert repr(Rearm()) == "Rearm()" and "LeakSuspected(" in repr(LeakSuspected(slot))
+    assert repr(Collect()) == "Collect()"
 
 
 def test_shrink_tracks_the_fewest_idle_connections_between_periods() -> None:

@@ -1,0 +1,111 @@
+"""Connections that only garbage holds.
+
+A connection can be held by an object nobody can reach any more, which only Python's
+cycle collector frees: a generator abandoned in the middle of its `connection()`
+block (a streaming response whose client went away), a connection dropped inside a
+reference cycle. That collector may not run for minutes: when a client has waited
+a second with every connection out, the pool runs it. These tests turn automatic
+collection off, so that only the pool's request for it (or the test's) frees them.
+
+An abandoned async generator is a special case: the collector first clears the weak
+references to it and what it holds (which tells the pool its connection was
+dropped: the pool replaces it), then its finalizer schedules its close, which gives
+the connection back after all. That connection must be closed, not counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from .helpers import (
+    async_pool,
+    await_until,
+    pool_stat,
+    run_async,
+    server_pids,
+    warnings_logged,
+)
+
+
+@pytest.fixture
+def no_automatic_gc() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+class Cycle:
+    """An object that refers to itself: freed by the cycle collector only."""
+
+    def __init__(self, held: Any) -> None:
+        self.me = self
+        self.held = held
+
+
+@pytest.mark.usefixtures("no_automatic_gc")
+def test_a_connection_dropped_in_a_reference_cycle_comes_back(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="psycopg.pool")
+    with ConnectionPool(dsn, min_size=1, max_size=1, timeout=10.0, open=True) as pool:
+        pool.wait()
+        Cycle(pool.getconn())  # dropped at once, alive until the cycle is collected
+        with pool.connection() as conn:  # waits, then the pool collects
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert pool_stat(pool, "pool_size") == 1
+    assert any("garbage-collected without being returned" in m for m in warnings_logged(caplog))
+    assert any("collecting garbage" in r.getMessage() for r in caplog.records)
+
+
+def abandon_a_generator(pool: Any) -> Callable[[], Awaitable[None]]:
+    """A function that starts a generator in a `connection()` block, in a transaction,
+    and drops it in a reference cycle (as a streaming response abandons its body)."""
+
+    async def rows() -> AsyncIterator[int]:
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+            for n in range(1, 1000):
+                yield n
+
+    async def start() -> None:
+        gen = rows()
+        assert await gen.__anext__() == 1
+        Cycle(gen)
+
+    return start
+
+
+@pytest.mark.usefixtures("no_automatic_gc")
+@pytest.mark.parametrize("collected_by", ["the pool", "the interpreter"])
+@run_async
+async def test_an_abandoned_generator_costs_no_capacity(dsn: str, collected_by: str) -> None:
+    name = f"abandoned-{collected_by.split()[-1]}"
+    async with async_pool(dsn, max_size=1, timeout=10.0, kwargs={"application_name": name}) as pool:
+        start = abandon_a_generator(pool)
+        await start()
+        if collected_by == "the interpreter":
+            gc.collect()
+            await asyncio.sleep(0)  # the generator's close, scheduled by its finalizer
+        async with pool.connection() as conn:  # served (after the pool collects)
+            assert conn.info.transaction_status.name == "IDLE"  # rolled back, or new
+        # The generator's connection came back (rolled back), or after a replacement
+        # (closed): either way the pool counts one connection and lends one at most.
+        await await_until(lambda: len(server_pids(dsn, name)) == 1, "one connection left")
+        assert pool_stat(pool, "pool_size") == 1
+        await await_until(lambda: pool_stat(pool, "pool_available") == 1, "the return")
+        held = await pool.getconn()
+        with pytest.raises(PoolTimeout):
+            await pool.getconn(timeout=0.2)
+        await pool.putconn(held)
+        assert len(server_pids(dsn, name)) == 1
