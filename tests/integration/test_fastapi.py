@@ -10,6 +10,7 @@ dependency that yields: a block there was safe already.)
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -100,3 +101,42 @@ def test_requests_cut_short_keep_their_connections(dsn: str) -> None:
         assert count_orders(dsn) == 1
         assert client.post("/orders", params={"hold": 0}).status_code == 200
     assert count_orders(dsn) == 2
+
+
+def test_a_stream_whose_client_went_away_gives_its_connection_back(dsn: str) -> None:
+    # Starlette stops iterating the body of a streaming response whose client went
+    # away, and never closes it: the generator keeps its connection until the cycle
+    # collector runs. Turned off here, so that only the pool's own request for it (a
+    # client has waited a second with every connection out) brings it back.
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        async with AsyncConnectionPool(
+            dsn, min_size=1, max_size=1, timeout=10.0, open=False
+        ) as pool:
+            await pool.wait()
+            app.state.pool = pool
+            yield
+
+    app = fastapi.FastAPI(lifespan=lifespan)
+
+    @app.get("/numbers")
+    async def numbers(request: fastapi.Request) -> Any:
+        pool = request.app.state.pool
+
+        async def body() -> AsyncIterator[bytes]:
+            async with pool.connection() as conn:
+                cur = await conn.execute("SELECT generate_series(1, 100000)")
+                for (n,) in await cur.fetchall():
+                    yield b"%d\n" % n
+
+        return fastapi.responses.StreamingResponse(body())
+
+    gc.collect()
+    gc.disable()
+    try:
+        with testclient.TestClient(app) as client:
+            for _ in range(2):  # the second waits for the first one's connection
+                with client.stream("GET", "/numbers") as response:
+                    assert next(response.iter_lines()) == "1"
+    finally:
+        gc.enable()
