@@ -9,11 +9,14 @@ server or conninfo message goes through `mask()` first.
 
 from __future__ import annotations
 
+import gc
+import inspect
 import os
 import re
 import sys
 import threading
 import traceback
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -151,7 +154,9 @@ def describe_owner(slot: Slot) -> str:
         return "a client being handed it"
     conn = slot.wref() if slot.wref is not None else None
     if conn is not None:
-        found = _find_thread_holding(conn) or _find_task_holding(conn)
+        found = (
+            _find_thread_holding(conn) or _find_task_holding(conn) or _find_generator_holding(conn)
+        )
         if found:
             return found
     return "an unknown client"
@@ -180,6 +185,31 @@ def _find_task_holding(conn: Any) -> str | None:
     for task in tasks:
         if _frames_hold(_coro_frames(task.get_coro()), conn):
             return f"task {task.get_name()!r}"
+    return None
+
+
+_GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR | inspect.CO_COROUTINE
+
+
+def _find_generator_holding(conn: Any) -> str | None:
+    """A suspended generator that no thread or task runs: likely abandoned (the body
+    of a streaming response whose client went away), and its connection with it.
+
+    Its frame refers to the connection: found among the connection's referrers (the
+    generator itself, or its frame before Python 3.11).
+    """
+    for ref in gc.get_referrers(conn):
+        frame = ref if isinstance(ref, types.FrameType) else None
+        for attr in ("ag_frame", "gi_frame", "cr_frame"):
+            frame = frame or getattr(ref, attr, None)
+        if frame is None or not isinstance(frame, types.FrameType):
+            continue
+        code = frame.f_code
+        if not code.co_flags & _GENERATOR_FLAGS or code.co_filename.startswith(_PACKAGE_DIR):
+            continue
+        return f"a suspended generator {code.co_name}() at {code.co_filename}:{frame.f_lineno}" + (
+            " (abandoned?)"
+        )
     return None
 
 

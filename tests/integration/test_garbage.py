@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool._core import state as core_state
 
 from .helpers import (
     async_pool,
@@ -109,3 +110,15 @@ async def test_an_abandoned_generator_costs_no_capacity(dsn: str, collected_by: 
             await pool.getconn(timeout=0.2)
         await pool.putconn(held)
         assert len(server_pids(dsn, name)) == 1
+
+
+@pytest.mark.usefixtures("no_automatic_gc")
+@run_async
+async def test_a_timeout_names_the_generator_that_holds_the_connection(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core_state, "COLLECT_AFTER", 3600.0)  # the pool does not collect
+    async with async_pool(dsn, max_size=1) as pool:
+        await abandon_a_generator(pool)()
+        with pytest.raises(PoolTimeout, match=r"held longest by a suspended generator rows\(\) at"):
+            await pool.getconn(timeout=0.2)
