@@ -65,8 +65,7 @@ def acheck_cancelled(ex: Exception, outer: BaseException | None) -> None:
     `sys.exc_info()` showed as the call began), in its chain: that one is not ours.
     Nor is one a timeout consumed (`TimeoutError` from `CancelledError`).
     """
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    if cancelling is not None and not cancelling():
+    if _cancel_requests() == 0:
         return
     seen: set[int] = set()
     todo: list[BaseException] = [ex]
@@ -84,10 +83,16 @@ def check_cancelled(ex: Exception, outer: BaseException | None) -> None:
     pass
 
 
+def _cancel_requests() -> int | None:
+    """The current task's pending cancellation requests; None where Python cannot
+    tell (before 3.11, or a task class without `cancelling()`)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return None if cancelling is None else int(cancelling())
+
+
 def acancelling() -> bool:
     """True if the current task is being cancelled (always False before Python 3.11)."""
-    cancelling = getattr(asyncio.current_task(), "cancelling", None)
-    return cancelling is not None and cancelling() > 0
+    return bool(_cancel_requests())
 
 
 def cancelling() -> bool:
