@@ -756,6 +756,9 @@ class PoolCore:
             self._report_leaks(now)
         if self.n_waiting and self.n_connecting:
             self._abandon_stuck(now)
+        self._fill(now)
+        # After _fill: an attempt it starts (a null pool's probe, retried after a
+        # failure, is not held to max_size) may serve the client, so no starvation.
         if self.n_waiting and self._collect_at() <= now:
             self.collected_at = now
             self._log_info(
@@ -765,7 +768,6 @@ class PoolCore:
                 now - self._starved_since(),
             )
             self.out.append(Collect())
-        self._fill(now)
 
     def _report_leaks(self, now: float) -> None:
         # `taken_at + leak_timeout`, not `now - leak_timeout`: the very sum that

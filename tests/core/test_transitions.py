@@ -655,6 +655,28 @@ def test_no_garbage_collection_while_a_connection_can_still_come() -> None:
     assert n.core._starved_since() == st.INF
 
 
+def test_no_garbage_collection_on_the_tick_that_retries_a_null_pool_probe() -> None:
+    # The probe of a null pool's wait() is not held to max_size: the tick that retries
+    # it after a failure starts an attempt that may yet serve the client.
+    h = Harness.make(min_size=0, max_size=1, null=True, num_workers=1)
+    h.open()
+    ready = h.new_ticket()
+    assert not h.core.wait_ready(ready, h.now)
+    h.ready_waiting.append(ready)
+    h.run()
+    h.connect_fail(h.connecting[0], fatal=False)  # the probe fails: retried later
+    h.getconn()
+    h.getconn()  # waits: the first client's own attempt takes the only place
+    h.connect_ok(h.connecting[-1])
+    assert h.core.n_waiting == 1 and h.core.n_busy == 1 == h.core.max_size
+    h.tick(st.COLLECT_AFTER)
+    assert h.core.backoff.retry_at <= h.now and h.connecting  # the probe again
+    assert h.collects == 0
+    h.connect_ok(h.connecting[-1])
+    h.tick(st.COLLECT_AFTER)
+    assert h.collects == 1  # only now is every way to a connection closed
+
+
 def test_reprs_name_things() -> None:
     h = Harness.make(min_size=1, max_size=1)
     h.open()
