@@ -11,11 +11,13 @@ section() { printf '\n===== %s =====\n' "$*"; }
 
 failed=()
 step() {
-    local name=$1 rc
+    local name=$1 rc start=$SECONDS
     shift
     section "$name"
     "$@"
     rc=$?
+    # CI's limit is on the whole run: each step's share shows where the time goes.
+    printf -- '----- %s: %d s\n' "$name" $((SECONDS - start))
     if [ "$rc" -ne 0 ]; then
         printf -- '----- %s: FAILED (exit code %d)\n' "$name" "$rc"
         failed+=("$name")
@@ -27,6 +29,7 @@ bash scripts/bootstrap.sh || {
     echo "----- bootstrap: FAILED" >&2
     exit 1
 }
+printf -- '----- bootstrap: %d s\n' "$SECONDS"
 
 py=.venv/bin/python
 if [ -n "${CI:-}" ]; then export HYPOTHESIS_PROFILE=ci; fi  # core state machine: >= 1,000 examples
@@ -45,7 +48,7 @@ core_coverage() {
 if [ $# -eq 0 ]; then
     step "core branch coverage" core_coverage
 fi
-step "pytest" "$py" -m pytest -p no:cacheprovider "$@"
+step "pytest" "$py" -m pytest -p no:cacheprovider --durations=15 "$@"
 
 # `python3.X` if it runs, else pyenv's build of 3.X, if any.
 find_python() {
@@ -101,6 +104,7 @@ fi
 section summary
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'FAILED: %s\n' "${failed[@]}"
+    echo "after $SECONDS s"
     exit 1
 fi
-echo "all checks passed"
+echo "all checks passed in $SECONDS s"
