@@ -190,8 +190,9 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             if alive_check_after is None
             else _config.check_seconds("alive_check_after", alive_check_after)
         )
-        # Slots whose lent connection was garbage-collected without being returned.
-        self._collected: deque[tuple[Slot, float]] = deque()  # (slot, taken_at then)
+        # Slots whose lent connection was garbage-collected without being returned:
+        # (slot, its taken_at then, when).
+        self._collected: deque[tuple[Slot, float, float]] = deque()
         # Reentrant only so that a lock round can be written out by hand safely (see
         # getconn()): its release() refuses a lock the thread does not hold.
         self._lock = threading.RLock()
@@ -755,8 +756,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         if info:
             logger.info("returning connection to %r", self.name)
         slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
-        if slot.state != _IN_USE:
-            self._put_back_forgotten(slot, conn)
+        if (slot.state != _IN_USE or slot.orphaned) and self._put_back_odd(slot, conn):
             return True
         if conn.pgconn.transaction_status != _IDLE or self._reset is not None:
             return False
@@ -815,17 +815,30 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
             ticket.wake()  # a second wake is a no-op
         self._execute(cmds, slot)  # what it had not carried out yet
 
-    def _put_back_forgotten(self, slot: Slot, conn: ACT) -> None:
-        """A connection comes back that the pool gave up as garbage and replaced.
+    def _put_back_odd(self, slot: Slot, conn: ACT) -> bool:
+        """A connection comes back that the garbage collector took for dropped.
 
-        A generator abandoned in a `connection()` block is closed by its finalizer,
-        which runs after the collector cleared the weak references to its garbage:
-        the pool took that for a dropped connection (see _reap()). Closed now.
+        A generator abandoned in a `connection()` block (a streaming response whose
+        client went away) is closed by its finalizer, which runs after the collector
+        cleared the weak references to its garbage: the connection comes back with
+        its weak reference dead. If the pool has not given it up yet (see _reap()),
+        it gets a new one and the return goes on (False); else it is closed (True).
         """
-        logger.info("closing a connection of %r returned after it was replaced", self.name)
-        conn._pool = None
-        slot.conn = conn
-        self._close_now(slot)
+        if slot.state != _IN_USE:
+            logger.info("closing a connection of %r returned after it was replaced", self.name)
+            conn._pool = None
+            slot.conn = conn
+            self._close_now(slot)
+            return True
+        where = f"; taken at:\n{format_stack(slot.trace)}" if slot.trace else ""
+        logger.warning(
+            "a connection of pool %r was given back only when the garbage collector"
+            " finalized what held it (an abandoned generator?)%s",
+            self.name,
+            where,
+        )
+        self._adopt(slot, conn)
+        return False
 
     def _put_back_later(self, conn: ACT) -> None:
         """Give back a connection that a cancellation leaves in a transaction.
@@ -838,8 +851,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         if logger.isEnabledFor(_INFO):
             logger.info("returning connection to %r", self.name)
         slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
-        if slot.state != _IN_USE:
-            self._put_back_forgotten(slot, conn)
+        if (slot.state != _IN_USE or slot.orphaned) and self._put_back_odd(slot, conn):
             return
         if self._null and not self._core.n_waiting:
             # As in _putconn_slow(): nobody will reuse it, close it without cleaning.
@@ -1197,26 +1209,32 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         pool_ref = weakref.ref(self)
 
         def collected(_: object) -> None:
+            # Only lock-free, reentrant-safe steps here: this may run in the middle of
+            # any code, in any thread, the pool's own lock held or not.
+            slot.orphaned = True
             pool = pool_ref()
             if pool is not None:
-                # Only lock-free, reentrant-safe steps here: this may run in the middle
-                # of any code, in any thread, the pool's own lock held or not.
-                pool._collected.append((slot, slot.taken_at))
+                pool._collected.append((slot, slot.taken_at, monotonic()))
                 pool._wakeup.set_threadsafe()
 
+        slot.orphaned = False
         slot.wref = weakref.ref(conn, collected)
 
-    def _reap(self) -> None:
-        """Take back the slots of lent connections that were garbage-collected."""
-        while self._collected:
-            slot, taken_at = self._collected.popleft()
+    def _reap(self, now: float) -> float:
+        """Take back the slots of lent connections that were garbage-collected.
+
+        Each after REAP_GRACE: the collector clears the weak references to garbage
+        before it runs the finalizers, and a generator's finalizer may yet give its
+        connection back (see _put_back_odd()). Returns when the next one is due.
+        """
+        collected = self._collected
+        while collected:
+            slot, taken_at, when = collected[0]
+            if when + REAP_GRACE > now:
+                return when + REAP_GRACE
+            collected.popleft()
             if slot.state != _IN_USE or slot.taken_at != taken_at:
-                # Given back after all: a generator's finalizer (run after the weak
-                # references of the garbage are cleared) closed its `connection()`
-                # block. Or closed by the pool, and dropped afterwards: nothing lost.
-                if slot.conn is not None and slot.state != core_state.CLOSED:
-                    self._adopt(slot, slot.conn)  # its weak reference is dead
-                continue
+                continue  # given back after all, or closed by the pool: nothing lost
             where = f", taken at:\n{format_stack(slot.trace)}" if slot.trace else ""
             logger.warning(
                 "a connection of pool %r was garbage-collected without being returned%s",
@@ -1224,6 +1242,7 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 where,
             )
             self._discard(slot, "connections_lost")
+        return INF
 
     def _report_unreturned(self, slot: Slot) -> None:
         where = f"; taken at:\n{format_stack(slot.trace)}" if slot.trace else ""
@@ -1287,6 +1306,10 @@ class _ParentPool:
 
 _FORKED = _ParentPool()
 _NO_COMMANDS: list[Command] = []  # only ever read
+# How long a connection the garbage collector took for dropped may yet come back
+# before the pool replaces it (see _reap()): a generator's finalizer returns it
+# within a few turns of the event loop, or one round trip for its rollback.
+REAP_GRACE = 0.1
 _QUEUED = core_state.QUEUED
 _PENDING: Any = object()  # _put_back(): the core has not been told yet
 _live_pools: weakref.WeakSet[AsyncConnectionPool[Any]] = weakref.WeakSet()
@@ -1370,13 +1393,12 @@ async def _housekeeper(wref: weakref.ref[AsyncConnectionPool[Any]], wakeup: Asyn
         pool = wref()
         if pool is None or pool._stopping or pool._wakeup is not wakeup:
             return
-        if pool._collected:
-            pool._reap()
         now = monotonic()
+        reap_at = pool._reap(now) if pool._collected else INF
         with pool._lock:
             pool._core.tick(now)
             cmds = pool._swap_out()
-            deadline = pool._core.next_deadline()
+            deadline = min(pool._core.next_deadline(), reap_at)
         pool._execute(cmds)
         del pool
         await wakeup.wait(None if deadline == INF else max(0.0, deadline - monotonic()))

@@ -141,6 +141,7 @@ class Slot:
         "inline",
         "leak_reported",
         "lent_at",
+        "orphaned",
         "probe",
         "started_at",
         "state",
@@ -173,6 +174,7 @@ class Slot:
         # where it was taken, and a weak reference to the connection.
         self.trace: Any = None
         self.wref: Any = None
+        self.orphaned = False  # the weak reference died while lent (see the shells)
         self.leak_reported = -1.0  # the `taken_at` a leak warning was given for
 
     def __repr__(self) -> str:

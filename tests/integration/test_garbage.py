@@ -7,10 +7,12 @@ reference cycle. That collector may not run for minutes: when a client has waite
 a second with every connection out, the pool runs it. These tests turn automatic
 collection off, so that only the pool's request for it (or the test's) frees them.
 
-An abandoned async generator is a special case: the collector first clears the weak
+An abandoned generator is a special case: the collector first clears the weak
 references to it and what it holds (which tells the pool its connection was
-dropped: the pool replaces it), then its finalizer schedules its close, which gives
-the connection back after all. That connection must be closed, not counted twice.
+dropped), then its finalizer closes it (an async generator's close is scheduled on
+its loop), which gives the connection back after all. The pool waits a moment
+before it replaces a connection reported dropped, so the connection comes back in
+use: counted once, its weak reference renewed, and replaced by nothing.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import pool as sync_pool
 from psycopg_pool._core import state as core_state
 
 from .helpers import (
@@ -90,7 +94,9 @@ def abandon_a_generator(pool: Any) -> Callable[[], Awaitable[None]]:
 @pytest.mark.usefixtures("no_automatic_gc")
 @pytest.mark.parametrize("collected_by", ["the pool", "the interpreter"])
 @run_async
-async def test_an_abandoned_generator_costs_no_capacity(dsn: str, collected_by: str) -> None:
+async def test_an_abandoned_generator_costs_no_capacity(
+    dsn: str, collected_by: str, caplog: pytest.LogCaptureFixture
+) -> None:
     name = f"abandoned-{collected_by.split()[-1]}"
     async with async_pool(dsn, max_size=1, timeout=10.0, kwargs={"application_name": name}) as pool:
         start = abandon_a_generator(pool)
@@ -110,6 +116,52 @@ async def test_an_abandoned_generator_costs_no_capacity(dsn: str, collected_by: 
             await pool.getconn(timeout=0.2)
         await pool.putconn(held)
         assert len(server_pids(dsn, name)) == 1
+        assert pool_stat(pool, "connections_num") == 1  # given back, not replaced
+    (warning,) = warnings_logged(caplog)
+    assert "given back only when the garbage collector finalized" in warning
+
+
+@pytest.mark.usefixtures("no_automatic_gc")
+def test_a_connection_given_back_by_a_finalizer_is_watched_again(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A generator's finalizer gives its connection back to a waiting client, which
+    # takes it before the pool looks at the collector's report, then drops it. That
+    # drop must be noticed like any other: the connection needs a new weak reference,
+    # as the collector cleared the one it had.
+    taken = threading.Event()
+    reap = sync_pool.ConnectionPool._reap
+
+    def late_reap(self: Any, *args: Any) -> Any:
+        taken.wait(10)
+        return reap(self, *args)
+
+    monkeypatch.setattr(sync_pool.ConnectionPool, "_reap", late_reap)
+    with ConnectionPool(dsn, min_size=1, max_size=1, timeout=10.0, open=True) as pool:
+        pool.wait()
+
+        def rows() -> Iterator[int]:
+            with pool.connection() as conn:
+                conn.execute("SELECT 1")
+                yield from range(1000)
+
+        gen = rows()
+        assert next(gen) == 0
+        Cycle(gen)
+        del gen
+
+        def client() -> None:
+            conn = pool.getconn()  # waits: served as the pool collects the generator
+            taken.set()
+            del conn  # dropped without being returned
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        assert taken.wait(10)
+        thread.join()
+        with pool.connection(timeout=5) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert pool_stat(pool, "connections_lost") == 1
 
 
 @pytest.mark.usefixtures("no_automatic_gc")

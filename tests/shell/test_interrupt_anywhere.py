@@ -29,6 +29,7 @@ import pytest
 
 from psycopg_pool import ConnectionPool
 from psycopg_pool._acompat import Waiter
+from psycopg_pool._core.state import INF
 from psycopg_pool.pool import _ConnectionContext
 
 from .fakes import INTRANS, Fakes, Interrupt
@@ -222,7 +223,7 @@ class Run:
         assert self.lock_free(), "the pool's lock was left held: every call would hang"
         self.conn = self.ctx = None
         gc.collect()
-        pool._reap()  # a connection dropped without being returned would show now
+        pool._reap(INF)  # a connection dropped without being returned would show now
         last: list[str] = []
 
         def balanced() -> bool:
