@@ -33,6 +33,7 @@ from typing import Any
 from psycopg import Connection
 
 from psycopg_pool import ConnectionPool
+from psycopg_pool._core.state import INF
 from psycopg_pool._embedded_pg import EmbeddedPostgres
 
 
@@ -84,7 +85,7 @@ def storm(dsn: str, api: str, query: bool, cycles: int, seed: int) -> str:
                         pool.putconn(c)
                 del conn  # (a `with` block's variable, which would keep it alive)
                 held.clear()
-                pool._reap()  # what the client dropped comes back now, not later
+                pool._reap(INF)  # what the client dropped comes back now, not later
                 stats = pool.get_stats()
                 missing = 2 - stats["pool_available"] - stats.get("pool_connecting", 0)
                 if missing > 0:
