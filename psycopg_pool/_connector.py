@@ -30,6 +30,9 @@ INTRANS = TransactionStatus.INTRANS
 INERROR = TransactionStatus.INERROR
 UNKNOWN = TransactionStatus.UNKNOWN
 
+# How long a connection being closed may take to ask the server to stop its query.
+CANCEL_TIMEOUT = 5.0
+
 
 class ConnectAttempt:
     """One attempt to open and configure a connection.
@@ -136,9 +139,21 @@ def check_connection(conn: Connection[Any]) -> None:
 
 
 def close(conn: Any) -> None:
-    """Close for real; `_pool` is cleared first so `close_returns` cannot loop back."""
+    """Close for real; `_pool` is cleared first so `close_returns` cannot loop back.
+
+    A query still running is cancelled first. Its caller was interrupted without
+    psycopg cancelling it (Celery's soft time limit and other exceptions raised by a
+    signal handler are not KeyboardInterrupt): closed, the connection would leave it
+    running on the server, with its locks, until it ends.
+    """
     conn._pool = None
     try:
-        conn.close()
+        try:
+            if conn.pgconn.transaction_status == ACTIVE:
+                conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+        except Exception as ex:
+            logger.debug("error cancelling the query of connection %s: %s", conn, ex)
+        finally:
+            conn.close()  # even if the cancel was interrupted
     except Exception as ex:
         logger.debug("error closing connection %s: %s", conn, ex)

@@ -93,6 +93,7 @@ CT = TypeVar("CT", bound=Connection[Any], default=Connection[Any])
 
 # Plain ints: comparing with an IntEnum member is measurably slower on the hot path.
 _IDLE = int(TransactionStatus.IDLE)
+_ACTIVE = int(TransactionStatus.ACTIVE)
 _UNKNOWN = int(TransactionStatus.UNKNOWN)
 _IN_USE = core_state.IN_USE
 
@@ -1375,10 +1376,14 @@ class _ConnectionContext(Generic[CT]):
         try:
             # Ending the transaction is psycopg's job, but on an idle connection it
             # is a no-op that still costs a lock round: skip it then.
-            if conn.pgconn.transaction_status != _IDLE:
-                later = exc_type is not None and cancelled(exc_type) and conn._pool is pool
-                if not later:
+            status = conn.pgconn.transaction_status
+            if status != _IDLE:
+                if exc_type is not None and cancelled(exc_type) and conn._pool is pool:
+                    later = True
+                elif exc_type is None or status != _ACTIVE:
                     conn.__exit__(exc_type, exc_val, exc_tb)
+                # (Else a query still runs, its wait interrupted: psycopg could not roll
+                # back, only warn. The pool cancels the query, closes the connection.)
         finally:
             if later:
                 pool._put_back_later(conn)  # cancelled: see there

@@ -91,6 +91,7 @@ ACT = TypeVar("ACT", bound=AsyncConnection[Any], default=AsyncConnection[Any])
 
 # Plain ints: comparing with an IntEnum member is measurably slower on the hot path.
 _IDLE = int(TransactionStatus.IDLE)
+_ACTIVE = int(TransactionStatus.ACTIVE)
 _UNKNOWN = int(TransactionStatus.UNKNOWN)
 _IN_USE = core_state.IN_USE
 
@@ -1373,10 +1374,14 @@ class _AsyncConnectionContext(Generic[ACT]):
         try:
             # Ending the transaction is psycopg's job, but on an idle connection it
             # is a no-op that still costs a lock round: skip it then.
-            if conn.pgconn.transaction_status != _IDLE:
-                later = exc_type is not None and acancelled(exc_type) and conn._pool is pool
-                if not later:
+            status = conn.pgconn.transaction_status
+            if status != _IDLE:
+                if exc_type is not None and acancelled(exc_type) and conn._pool is pool:
+                    later = True
+                elif exc_type is None or status != _ACTIVE:
                     await conn.__aexit__(exc_type, exc_val, exc_tb)
+                # (Else a query still runs, its wait interrupted: psycopg could not roll
+                # back, only warn. The pool cancels the query, closes the connection.)
         finally:
             if later:
                 pool._put_back_later(conn)  # cancelled: see there

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -398,3 +400,17 @@ def pool_after_giving_up(
         if not fired.wait(5.0):
             pytest.fail("reconnect_failed was not called")
         yield pool
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> bool:
+    """SIGTERM a server the test started (gunicorn, a Celery worker) and wait for it;
+    SIGKILL it if it does not exit in time. False if it had to be killed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        return False
+    return True

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import server_pids, wait_until
+from .helpers import server_pids, stop_process, wait_until
 
 pytest.importorskip("gunicorn")
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="gunicorn forks its workers")
@@ -172,13 +172,7 @@ class Gunicorn:
         self.proc.send_signal(sig)
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if os.path.exists(self.socket):
             os.unlink(self.socket)
         return self.proc.returncode

@@ -18,7 +18,15 @@ from psycopg.pq import TransactionStatus
 
 from psycopg_pool import ConnectionPool
 
-from .helpers import backend_pid, terminate_backends, wait_until, warnings_logged
+from .helpers import (
+    async_pool,
+    await_until,
+    backend_pid,
+    run_async,
+    terminate_backends,
+    wait_until,
+    warnings_logged,
+)
 
 IDLE = TransactionStatus.IDLE
 
@@ -143,6 +151,55 @@ def test_return_active_logs_bad(
     assert "[ACTIVE]" in warns[0]
     assert warns[1].startswith("discarding closed connection")
     assert "[BAD]" in warns[1]
+
+
+def running(dsn: str, pid: int) -> bool:
+    """Is backend `pid` still running a statement?"""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        row = admin.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
+    return row is not None and row[0] == "active"
+
+
+def test_a_query_still_running_when_returned_is_cancelled(dsn: str, pool: ConnectionPool) -> None:
+    # Its caller was interrupted (a Celery soft time limit, an exception raised by a
+    # signal handler): closing the connection alone would leave the query running on
+    # the server, holding its locks, until it ends.
+    conn = pool.getconn()
+    pid = backend_pid(conn)
+    conn.pgconn.send_query(b"SELECT pg_sleep(60)")
+    wait_until(lambda: running(dsn, pid), "the query to start")
+    pool.putconn(conn)
+    wait_until(lambda: not running(dsn, pid), "the server to stop the query")
+    assert pool.get_stats()["returns_bad"] == 1
+
+
+def test_a_block_left_by_an_exception_in_the_middle_of_a_query(
+    dsn: str, pool: ConnectionPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No rollback can be sent while a query runs: psycopg's would only fail and warn
+    # ("error ignored in rollback"). The pool cancels the query and closes the
+    # connection instead.
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(ZeroDivisionError), pool.connection() as conn:
+        pid = backend_pid(conn)
+        conn.pgconn.send_query(b"SELECT pg_sleep(60)")
+        wait_until(lambda: running(dsn, pid), "the query to start")
+        1 / 0  # noqa: B018
+    wait_until(lambda: not running(dsn, pid), "the server to stop the query")
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert messages[0].startswith("closing returned connection"), messages
+    assert not any("error ignored in rollback" in m for m in messages), messages
+
+
+@run_async
+async def test_async_a_query_still_running_when_returned_is_cancelled(dsn: str) -> None:
+    async with async_pool(dsn) as pool:
+        conn = await pool.getconn()
+        pid = conn.info.backend_pid
+        conn.pgconn.send_query(b"SELECT pg_sleep(60)")
+        await await_until(lambda: running(dsn, pid), "the query to start")
+        await pool.putconn(conn)
+        await await_until(lambda: not running(dsn, pid), "the server to stop the query")
 
 
 def test_return_with_failing_rollback(

@@ -58,6 +58,7 @@ POINTS = frozenset(
         "commit",
         "execute",  # conn.execute(): what check_connection() runs
         "set_autocommit",
+        "cancel",  # conn.cancel_safe(): a query still running as the connection closes
         "close",  # conn.close(): after the connection is closed (a slow teardown)
         "reconnect_failed",  # the pool's reconnect_failed callback
         "sleep",  # the pool's retry sleep after failed checks (monkeypatched)
@@ -427,6 +428,9 @@ class FakeConnection(_FakeMixin, Connection[Any]):
         self._close_now()
         self.fakes.hit("close", self)
 
+    def cancel_safe(self, *, timeout: float = 30.0) -> None:
+        self.fakes.hit("cancel", self)
+
     def rollback(self) -> None:
         self._check_usable()
         self.fakes.hit("rollback", self)
@@ -471,6 +475,9 @@ class FakeAsyncConnection(_FakeMixin, AsyncConnection[Any]):
             return
         self._close_now()
         await self.fakes.ahit("close", self)
+
+    async def cancel_safe(self, *, timeout: float = 30.0) -> None:
+        await self.fakes.ahit("cancel", self)
 
     async def rollback(self) -> None:
         self._check_usable()

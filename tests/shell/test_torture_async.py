@@ -234,6 +234,12 @@ async def reach_return_active(ctx: ACtx, how: str) -> tuple[Actor, Gate]:
     return ctx.client("victim", tx=ACTIVE), gate
 
 
+@spot("return-active-cancel", RETURN, max_size=1)
+async def reach_return_active_cancel(ctx: ACtx, how: str) -> tuple[Actor, Gate]:
+    gate = ctx.fakes.block("cancel")  # the query a closing connection still runs
+    return ctx.client("victim", tx=ACTIVE), gate
+
+
 @spot("return-rollback-failed-close", RETURN, max_size=1)
 async def reach_return_rollback_failed(ctx: ACtx, how: str) -> tuple[Actor, Gate]:
     ctx.fakes.fail("rollback", OperationalError("rollback failed"))
@@ -638,6 +644,7 @@ COVERED: dict[str, list[str]] = {
     "AsyncConnectionPool._connect_job: attempt.run": [f"bg-{s}" for s in CONNECT_STEPS],
     "_AsyncConnectionContext.__aenter__: self._pool.getconn": ["queue-context"],
     "_AsyncConnectionContext.__aexit__: conn.__aexit__": ["exit-commit", "exit-rollback"],
+    "close: conn.cancel_safe": ["return-active-cancel"],
     "_AsyncConnectionContext.__aexit__: pool._putconn_slow": [
         "exit-commit",
         "test_cancelled_twice_while_ending_the_transaction",

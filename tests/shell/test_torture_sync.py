@@ -216,6 +216,12 @@ def reach_return_active(ctx: TCtx, how: str) -> Reached:
     return ctx.client("victim", tx=ACTIVE), gate
 
 
+@spot("return-active-cancel", RETURN, max_size=1)
+def reach_return_active_cancel(ctx: TCtx, how: str) -> Reached:
+    gate = ctx.fakes.block("cancel")  # the query a closing connection still runs
+    return ctx.client("victim", tx=ACTIVE), gate
+
+
 @spot("return-rollback-failed-close", RETURN, max_size=1)
 def reach_return_rollback_failed(ctx: TCtx, how: str) -> Reached:
     ctx.fakes.fail("rollback", OperationalError("rollback failed"))
