@@ -283,6 +283,16 @@ def test_waiting_clients_make_a_failing_pool_probe_often() -> None:
     assert len(h.granted) == 1
 
 
+def test_check_on_a_failing_pool_probes_at_once() -> None:
+    # An explicit check() is demand: the next attempt need not wait for its schedule.
+    h = Harness.make(min_size=1, max_size=1)
+    h.open()
+    h.connect_fail(h.connecting[0])
+    assert h.core.backoff.retry_at > h.now and not h.connecting
+    assert h.begin_check() == []
+    assert h.core.backoff.retry_at == h.now and len(h.connecting) == 1
+
+
 def test_check_refills_to_min_size_without_an_extra_connection() -> None:
     h = filled(2, min_size=2, max_size=4)
     slots = h.begin_check()
