@@ -115,6 +115,27 @@ def has_input(conn: Any) -> bool:
     return bool(poller.poll(0))
 
 
+def still_running(conn: Any) -> bool:
+    """Is the server still running the query of a connection left ACTIVE? No wait.
+
+    Its client was interrupted while it waited for the result; the result may have
+    arrived since. Reads what has (results of a query already over are dropped:
+    the connection is about to be closed). True if in doubt.
+    """
+    pgconn = conn.pgconn
+    try:
+        pgconn.consume_input()
+        # A query string may hold several statements: one result each.
+        for _ in range(8):
+            if pgconn.is_busy():
+                return True
+            if pgconn.get_result() is None:
+                return False
+    except Exception:
+        pass
+    return True
+
+
 def read_only_error(conn: Any) -> bool:
     """Did the connection's last error say the server only accepts reads?"""
     try:

@@ -17,7 +17,7 @@ from psycopg import Connection, ProgrammingError
 from psycopg.pq import TransactionStatus
 
 from ._acompat import resolve
-from ._connection_facts import add_network_defaults
+from ._connection_facts import add_network_defaults, still_running
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -149,7 +149,7 @@ def close(conn: Any) -> None:
     conn._pool = None
     try:
         try:
-            if conn.pgconn.transaction_status == ACTIVE:
+            if conn.pgconn.transaction_status == ACTIVE and still_running(conn):
                 conn.cancel_safe(timeout=CANCEL_TIMEOUT)
         except Exception as ex:
             logger.debug("error cancelling the query of connection %s: %s", conn, ex)

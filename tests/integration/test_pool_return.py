@@ -17,6 +17,7 @@ import pytest
 from psycopg.pq import TransactionStatus
 
 from psycopg_pool import ConnectionPool
+from psycopg_pool._connection_facts import has_input, still_running
 
 from .helpers import (
     async_pool,
@@ -171,6 +172,29 @@ def test_a_query_still_running_when_returned_is_cancelled(dsn: str, pool: Connec
     pool.putconn(conn)
     wait_until(lambda: not running(dsn, pid), "the server to stop the query")
     assert pool.get_stats()["returns_bad"] == 1
+
+
+@pytest.mark.parametrize(
+    "query, runs",
+    [("SELECT 1", False), ("SELECT pg_sleep(60)", True), ("SELECT 1; SELECT pg_sleep(60)", True)],
+)
+def test_still_running_tells_a_query_over_from_one_that_runs(
+    dsn: str, query: str, runs: bool
+) -> None:
+    # What decides whether closing a connection left ACTIVE needs a cancel request.
+    conn = psycopg.connect(dsn, autocommit=True)
+    try:
+        pid = backend_pid(conn)
+        conn.pgconn.send_query(query.encode())
+        if not runs:
+            wait_until(lambda: has_input(conn), "the result")
+        if runs:
+            wait_until(lambda: running(dsn, pid), "the sleep to start")
+        assert still_running(conn) is runs
+    finally:
+        conn.cancel_safe()
+        conn.close()  # (not `with`: its exit would commit, and fail, mid-query)
+    wait_until(lambda: not running(dsn, pid), "the cancel")
 
 
 def test_a_block_left_by_an_exception_in_the_middle_of_a_query(

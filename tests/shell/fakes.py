@@ -100,6 +100,12 @@ class FakePGconn:
                 self._pair = socket.socketpair()
             return self._pair[0].fileno()
 
+    def consume_input(self) -> None:
+        pass
+
+    def is_busy(self) -> bool:
+        return self.transaction_status == ACTIVE  # a fake query never ends
+
     def fd(self) -> int | None:
         """The socket, made if needed (without passing through the "socket" point)."""
         with self._lock:
