@@ -253,3 +253,9 @@ def capture_stack() -> traceback.StackSummary:
 def format_stack(trace: traceback.StackSummary) -> str:
     frames = [fs for fs in trace if "/psycopg_pool/" not in fs.filename]
     return "".join(traceback.format_list(frames)).rstrip()
+
+
+def where_taken(slot: Any, sep: str = ";") -> str:
+    """The tail of a warning about a lent connection: where it was taken, if tracked
+    (`leak_timeout`), else nothing."""
+    return f"{sep} taken at:\n{format_stack(slot.trace)}" if slot.trace else ""

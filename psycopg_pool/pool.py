@@ -70,12 +70,12 @@ from ._explain import (
     describe_owner,
     error_text,
     fill_holders,
-    format_stack,
     init_failure_message,
     mask,
     oldest_holders,
     timeout_message,
     wait_timeout_message,
+    where_taken,
 )
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
 
@@ -833,7 +833,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             slot.conn = conn
             self._close_now(slot)
             return True
-        where = f"; taken at:\n{format_stack(slot.trace)}" if slot.trace else ""
+        where = where_taken(slot)
         logger.warning(
             "a connection of pool %r was given back only when the garbage collector"
             " finalized what held it (an abandoned generator?)%s",
@@ -1238,7 +1238,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             collected.popleft()
             if slot.state != _IN_USE or slot.taken_at != taken_at:
                 continue  # given back after all, or closed by the pool: nothing lost
-            where = f", taken at:\n{format_stack(slot.trace)}" if slot.trace else ""
+            where = where_taken(slot, ",")
             logger.warning(
                 "a connection of pool %r was garbage-collected without being returned%s",
                 self.name,
@@ -1248,7 +1248,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         return INF
 
     def _report_unreturned(self, slot: Slot) -> None:
-        where = f"; taken at:\n{format_stack(slot.trace)}" if slot.trace else ""
+        where = where_taken(slot)
         logger.warning(
             "pool %r closed while a connection was still out (held by %s)%s",
             self.name,
@@ -1257,7 +1257,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         )
 
     def _report_leak(self, slot: Slot) -> None:
-        where = f"; taken at:\n{format_stack(slot.trace)}" if slot.trace else ""
+        where = where_taken(slot)
         logger.warning(
             "a connection of pool %r has been out for more than %s sec (held by %s)%s",
             self.name,
