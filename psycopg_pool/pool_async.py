@@ -408,7 +408,12 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
         The transaction is committed (or rolled back on error) at the end of the
         block, then the connection goes back to the pool.
         """
-        return _AsyncConnectionContext(self, timeout)
+        # Made without calling the class: an `__init__` run from C costs a frame of
+        # its own, a tenth of a checkout without a query.
+        ctx: _AsyncConnectionContext[ACT] = _new_object(_AsyncConnectionContext)
+        ctx._pool = self
+        ctx._timeout = timeout
+        return ctx
 
     async def getconn(self, timeout: float | None = None) -> ACT:
         """Take a connection from the pool; give it back with `putconn()`."""
@@ -1307,6 +1312,7 @@ class _ParentPool:
 
 _FORKED = _ParentPool()
 _NO_COMMANDS: list[Command] = []  # only ever read
+_new_object = object.__new__
 # How long a connection the garbage collector took for dropped may yet come back
 # before the pool replaces it (see _reap()): a generator's finalizer returns it
 # within a few turns of the event loop, or one round trip for its rollback.
@@ -1344,10 +1350,10 @@ class _AsyncConnectionContext(Generic[ACT]):
     """What `pool.connection()` returns: a class, not a generator, for speed."""
 
     __slots__ = ("_conn", "_pool", "_timeout")
-
-    def __init__(self, pool: AsyncConnectionPool[ACT], timeout: float | None) -> None:
-        self._pool = pool
-        self._timeout = timeout
+    # Set by AsyncConnectionPool.connection(), which makes it without an `__init__`.
+    _pool: AsyncConnectionPool[ACT]
+    _timeout: float | None
+    _conn: ACT
 
     async def __aenter__(self) -> ACT:
         try:

@@ -433,8 +433,17 @@ class PoolCore:
         finishes the job (see the shells' `_put_back_anyway()`).
         So the counters change only after the last such place.
         """
-        if slot.lent_at:
-            self._usage(slot, now)
+        lent_at = slot.lent_at
+        if lent_at:
+            # _usage() inlined: every `connection()` block ends here.
+            ms = int(1000.0 * (now - lent_at))
+            slot.lent_at = 0.0
+            if ms:
+                self.usage_ms += ms
+            else:
+                self.touched.add("usage_ms")
+            if self.samples is not None:
+                self.sample("use", now - lent_at)
         busy = slot.state == IN_USE
         if slot.generation == self.generation and slot.expire_at > now:
             # The common cases, inlined. (A slot of the current generation implies an

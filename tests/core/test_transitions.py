@@ -507,6 +507,20 @@ def test_usage_ms_counts_through_reset_and_discard() -> None:
     h.check()
 
 
+def test_usage_under_a_millisecond_through_reset_is_reported_and_sampled() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.core.samples = []
+    h.now = 1.0
+    h.getconn()
+    h.held[0].lent_at = h.now  # lent by connection(), given back within the same ms
+    slot = h.held[0]
+    h.putconn_dirty(slot)
+    assert h.core.usage_ms == 0 and snapshot(h.core)["usage_ms"] == 0
+    assert h.core.samples == [("use", 0.0)] and slot.lent_at == 0.0
+    h.io_done(slot, True)
+    h.check()
+
+
 def test_discard_counts_lost_connections() -> None:
     h = filled(1, min_size=1, max_size=1)
     h.getconn()
