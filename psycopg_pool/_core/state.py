@@ -435,12 +435,13 @@ class PoolCore:
         """
         lent_at = slot.lent_at
         if lent_at:
-            # _usage() inlined: every `connection()` block ends here.
-            ms = int(1000.0 * (now - lent_at))
+            # _usage() inlined: every `connection()` block ends here. A block shorter
+            # than a millisecond, the usual case for a quick query, calls nothing.
+            ms = 1000.0 * (now - lent_at)
             slot.lent_at = 0.0
-            if ms:
-                self.usage_ms += ms
-            else:
+            if ms >= 1.0:
+                self.usage_ms += int(ms)
+            elif "usage_ms" not in self.touched:
                 self.touched.add("usage_ms")
             if self.samples is not None:
                 self.sample("use", now - lent_at)

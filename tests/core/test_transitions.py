@@ -507,6 +507,20 @@ def test_usage_ms_counts_through_reset_and_discard() -> None:
     h.check()
 
 
+def test_usage_ms_truncates_each_block_as_upstream_does() -> None:
+    h = filled(1, min_size=1, max_size=1)
+    h.now = 1.0
+    for held in (0.0004, 0.0004, 0.0025):  # 0 + 0 + 2 ms, not int(3.3)
+        h.getconn()
+        slot = h.held[0]
+        slot.lent_at = h.now  # lent by connection()
+        h.now += held
+        h.putconn(slot)
+        assert slot.lent_at == 0.0
+    assert h.core.usage_ms == 2 and snapshot(h.core)["usage_ms"] == 2
+    h.check()
+
+
 def test_usage_under_a_millisecond_through_reset_is_reported_and_sampled() -> None:
     h = filled(1, min_size=1, max_size=1)
     h.core.samples = []
