@@ -1154,10 +1154,25 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             elif kind is LeakSuspected:
                 self._report_leak(cast(LeakSuspected, cmd).slot)
             elif kind is Collect:
-                # Finalizers return what garbage held: an abandoned generator's block
-                # (its close is scheduled in its loop), a dropped connection (_adopt()).
-                gc.collect()
+                self._collect()
             del cmds[0]
+
+    def _collect(self) -> None:
+        """Run the garbage collection the core asked for; tell it what came of it.
+
+        Finalizers return what garbage held: an abandoned generator's block (its close
+        is scheduled in its loop), a dropped connection (_adopt()). Either way the
+        weak reference's callback reports it to `_collected`, which only the
+        housekeeper, running this, takes from.
+        """
+        before = len(self._collected)
+        t0 = monotonic()
+        gc.collect()
+        took = monotonic() - t0
+        with self._lock:
+            self._core.collect_done(took, len(self._collected) - before)
+            cmds = self._swap_out()
+        self._execute(cmds)
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         bg = self._bg

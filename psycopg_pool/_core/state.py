@@ -117,6 +117,14 @@ STUCK_AFTER = 2.0
 # once every COLLECT_EVERY while the starvation lasts.
 COLLECT_AFTER = 1.0
 COLLECT_EVERY = 10.0
+# A full collection stalls the whole process (every thread, or the event loop) for as
+# long as it walks the heap: a fraction of a second in a large application. A long
+# overload also starves clients, with no garbage involved; so each collection that
+# finds none of the pool's connections doubles the interval, up to COLLECT_EVERY_MAX,
+# and one that finds some resets it. Whatever the interval, collecting takes at most
+# 1/COLLECT_COST_FACTOR of the time (see collect_done()).
+COLLECT_EVERY_MAX = 320.0
+COLLECT_COST_FACTOR = 100.0
 
 # A metrics exporter that stops scraping must not make the pool grow without bound.
 MAX_SAMPLES = 100_000
@@ -269,6 +277,7 @@ class PoolCore:
         self.min_idle_seen = 0
         self.sleep_until = INF  # the deadline last given to the housekeeper
         self.collected_at = -INF  # the last Collect
+        self.collect_every = COLLECT_EVERY  # the interval between two (see collect_done)
         self.ticked_at = -INF  # the time of the last tick()
         self.out: list[Command] = []
 
@@ -957,7 +966,21 @@ class PoolCore:
         since = self._starved_since()
         if since == INF:
             return INF
-        return max(since + COLLECT_AFTER, self.collected_at + COLLECT_EVERY)
+        return max(since + COLLECT_AFTER, self.collected_at + self.collect_every)
+
+    def collect_done(self, seconds: float, found: int) -> None:
+        """The shell ran the Collect asked for: it took `seconds`, and the collector
+        found `found` of the pool's lent connections held by garbage only."""
+        every = COLLECT_EVERY if found else min(2.0 * self.collect_every, COLLECT_EVERY_MAX)
+        self.collect_every = max(every, seconds * COLLECT_COST_FACTOR)
+        self._log_info(
+            "pool %r: garbage collection took %.3f sec, found %d connection(s) held by"
+            " garbage; the next one no sooner than %g sec",
+            self.name,
+            seconds,
+            found,
+            self.collect_every,
+        )
 
     def _stuck_at(self) -> float:
         """When the oldest attempt that may be abandoned will count as hung."""

@@ -131,6 +131,19 @@ class PoolMachine(RuleBasedStateMachine):
     def tick(self, dt: float) -> None:
         self.h.tick(dt)
 
+    @rule(seconds=stg.sampled_from([0.0, 0.02, 4.0]), found=stg.integers(0, 2))
+    def collect_done(self, seconds: float, found: int) -> None:
+        # The shell tells only after a Collect (rare here: it takes a second of
+        # starvation), but any time must do: the interval is the core's only state.
+        core = self.h.core
+        before = core.collect_every
+        core.collect_done(seconds, found)
+        self.h.run()
+        # Never more often than every COLLECT_EVERY, nor for more than its share of time.
+        assert core.collect_every >= max(st.COLLECT_EVERY, seconds * st.COLLECT_COST_FACTOR)
+        if not found:
+            assert core.collect_every >= min(2 * before, st.COLLECT_EVERY_MAX)
+
     @rule()
     def check_pool(self) -> None:
         self.h.begin_check()

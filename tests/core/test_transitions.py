@@ -673,6 +673,33 @@ def test_a_client_starved_of_connections_gets_a_garbage_collection() -> None:
     assert h.core.next_deadline() >= 1e5
 
 
+def test_collections_that_find_nothing_back_off_and_one_that_finds_resets() -> None:
+    # A long overload keeps clients waiting with every connection out, and garbage
+    # holds none of them: a full collection, which stalls the whole process, would
+    # run every COLLECT_EVERY for as long as the overload lasts.
+    h = filled(1, min_size=1, max_size=1, max_lifetime=1e6, max_idle=1e6)
+    h.getconn()
+    h.getconn()
+    h.tick(st.COLLECT_AFTER)
+    assert h.collects == 1
+    every = st.COLLECT_EVERY
+    while every < st.COLLECT_EVERY_MAX:
+        h.core.collect_done(0.001, 0)
+        every = min(2 * every, st.COLLECT_EVERY_MAX)
+        assert h.core.next_deadline() == h.now + every
+        h.tick(every)
+        assert h.collects >= 2
+    assert any("found 0 connection" in log.msg % log.args for log in h.logs)
+    h.core.collect_done(0.001, 0)  # capped
+    assert h.core.next_deadline() == h.now + st.COLLECT_EVERY_MAX
+    h.core.collect_done(0.001, 1)  # garbage did hold one: back to the start
+    assert h.core.next_deadline() == h.now + st.COLLECT_EVERY
+    # However rare, collecting takes at most 1/COLLECT_COST_FACTOR of the time.
+    h.core.collect_done(30.0, 1)
+    assert h.core.next_deadline() == h.now + 30.0 * st.COLLECT_COST_FACTOR
+    h.check()
+
+
 def test_no_garbage_collection_while_a_connection_can_still_come() -> None:
     # Below max_size (an attempt serves the client), or a connection under cleaning.
     h = filled(1, min_size=1, max_size=2, max_lifetime=1e6)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -71,6 +72,61 @@ def test_a_connection_dropped_in_a_reference_cycle_comes_back(
         assert pool_stat(pool, "pool_size") == 1
     assert any("garbage-collected without being returned" in m for m in warnings_logged(caplog))
     assert any("collecting garbage" in r.getMessage() for r in caplog.records)
+
+
+def collection_reports(caplog: pytest.LogCaptureFixture) -> list[tuple[int, float]]:
+    """(connections found, seconds to the next collection) of each collection logged."""
+    found = re.compile(r"found (\d+) connection.* no sooner than ([\d.e-]+) sec")
+    return [
+        (int(m[1]), float(m[2]))
+        for r in caplog.records
+        if (m := found.search(r.getMessage())) is not None
+    ]
+
+
+@pytest.mark.usefixtures("no_automatic_gc")
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_collections_that_find_nothing_back_off(
+    dsn: str, kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An overload, not garbage, keeps the clients waiting. A full collection of a large
+    # heap stalls every thread (or the event loop) of the process, so each one that
+    # finds no connection doubles the time to the next; one that finds some resets it.
+    monkeypatch.setattr(core_state, "COLLECT_AFTER", 0.05)
+    monkeypatch.setattr(core_state, "COLLECT_EVERY", 0.4)
+    monkeypatch.setattr(core_state, "COLLECT_COST_FACTOR", 0.0)  # however big the heap
+    caplog.set_level(logging.INFO, logger="psycopg.pool")
+
+    async def scenario(pool: Any, call: Callable[[Any], Awaitable[Any]]) -> None:
+        held = await call(pool.getconn())
+        with pytest.raises(PoolTimeout):
+            await call(pool.getconn(timeout=0.5))  # a collection or more, finding nothing
+        fruitless = collection_reports(caplog)
+        assert fruitless and all(found == 0 for found, _ in fruitless)
+        assert [every for _, every in fruitless] == [0.8 * 2**n for n in range(len(fruitless))]
+        await call(pool.putconn(held))
+        del held  # the pool's only connection: lent again next
+        Cycle(await call(pool.getconn()))  # dropped: only garbage holds it now
+        conn = await call(pool.getconn())  # served once the pool collects it
+        await call(pool.putconn(conn))
+        assert collection_reports(caplog)[len(fruitless)] == (1, 0.4)
+        assert pool_stat(pool, "pool_size") == 1
+
+    if kind == "sync":
+
+        async def now(value: Any) -> Any:
+            return value
+
+        with ConnectionPool(dsn, min_size=1, max_size=1, timeout=10.0, open=True) as pool:
+            pool.wait()
+            asyncio.run(scenario(pool, now))
+    else:
+
+        async def main() -> None:
+            async with async_pool(dsn, max_size=1, timeout=10.0) as pool:
+                await scenario(pool, lambda aw: aw)
+
+        asyncio.run(main())
 
 
 def abandon_a_generator(pool: Any) -> Callable[[], Awaitable[None]]:
