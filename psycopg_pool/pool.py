@@ -34,6 +34,7 @@ from typing_extensions import Self, TypeVar
 from . import _config
 from . import _connection_facts as facts
 from . import _connector as connector
+from . import _orphan_queries as orphan_queries
 from ._acompat import (
     Background,
     Deadlines,
@@ -854,13 +855,17 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         The rollback the block's exit owes runs in the background. Run here, it would
         be interrupted by a cancellation that fires again (anyio's cancel scopes do,
         each time the task waits, until the scope is left), and psycopg would close
-        the connection: one reconnection per cancelled request.
+        the connection: one reconnection per cancelled request. (A connection psycopg
+        closed already, cancelled again while it cancelled a query, may have left that
+        query running: see _orphan_queries.)
         """
         if logger.isEnabledFor(_INFO):
             logger.info("returning connection to %r", self.name)
         slot: Slot = conn._pool_slot  # type: ignore[attr-defined]
         if (slot.state != _IN_USE or slot.orphaned) and self._put_back_odd(slot, conn):
             return
+        if conn.pgconn.transaction_status == _UNKNOWN:
+            orphan_queries.cancel(conn, self.name)  # closed by psycopg mid-query, maybe
         if self._null and not self._core.n_waiting:
             # As in _putconn_slow(): nobody will reuse it, close it without cleaning.
             slot.conn = conn
@@ -896,6 +901,8 @@ class ConnectionPool(PoolMixin, Generic[CT]):
             slot.conn = conn
             conn._pool = None
             status = conn.pgconn.transaction_status
+            if status == _UNKNOWN and cancelling():
+                orphan_queries.cancel(conn, self.name)  # see _put_back_later()
             if self._core.status != core_state.OPEN:
                 self._discard(slot, None)  # closing it is all there is left to do
                 return
@@ -1229,6 +1236,7 @@ class ConnectionPool(PoolMixin, Generic[CT]):
         `_reap()`), instead of the capacity being lost for good.
         """
         conn._pool_slot = slot  # type: ignore[attr-defined]
+        orphan_queries.remember(conn)
         pool_ref = weakref.ref(self)
 
         def collected(_: object) -> None:

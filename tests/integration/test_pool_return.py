@@ -7,6 +7,7 @@ statuses, the reset callback and their WARNING logs), traps 13-15, 18, 23, 24.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -224,6 +225,46 @@ async def test_async_a_query_still_running_when_returned_is_cancelled(dsn: str) 
         await await_until(lambda: running(dsn, pid), "the query to start")
         await pool.putconn(conn)
         await await_until(lambda: not running(dsn, pid), "the server to stop the query")
+
+
+@pytest.mark.parametrize("api", ["connection", "getconn"])
+@run_async
+async def test_a_query_psycopg_gives_up_cancelling_is_cancelled_by_the_pool(
+    dsn: str, api: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A cancelled task's query: psycopg asks the server to cancel it, but anyio's
+    # cancel scope cancels the task again as psycopg waits for that, and psycopg
+    # closes the connection instead. Closed, the connection cannot tell the server,
+    # which runs the query on, holding its locks, for as long as it lasts.
+    anyio = pytest.importorskip("anyio")
+    caplog.set_level(logging.INFO, logger="psycopg.pool")
+    pids: list[int] = []
+
+    async with async_pool(dsn, max_size=1) as pool:
+
+        async def query() -> None:
+            if api == "connection":
+                async with pool.connection() as conn:
+                    pids.append(conn.info.backend_pid)
+                    await conn.execute("SELECT pg_sleep(60)")
+            else:
+                conn = await pool.getconn()
+                try:
+                    pids.append(conn.info.backend_pid)
+                    await conn.execute("SELECT pg_sleep(60)")
+                finally:
+                    await pool.putconn(conn)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(query)
+            await await_until(lambda: pids and running(dsn, pids[0]), "the query to start")
+            tg.cancel_scope.cancel()
+        if api == "getconn" and sys.version_info < (3, 11):
+            pytest.skip("before 3.11 a task cannot tell it is being cancelled")
+        await await_until(lambda: not running(dsn, pids[0]), "the server to stop the query")
+        async with pool.connection() as conn:  # replaced
+            assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
+    assert "asked the server to cancel the query" in caplog.text
 
 
 def test_return_with_failing_rollback(

@@ -1,0 +1,89 @@
+"""Queries left running on the server by connections psycopg closed mid-query.
+
+When a task is cancelled during a query, psycopg asks the server to cancel it. If the
+task is cancelled again while psycopg waits for that (anyio's cancel scopes cancel
+a task again each time it waits, until the scope is left), psycopg gives up and
+closes the connection instead. The server does not notice a closed client until it
+next reads from or writes to it, so the query runs to its end, holding its locks,
+and a `pg_sleep()` or a query queued behind a lock may run for minutes.
+
+The pool cannot send a cancel request through a closed connection, so it keeps the
+cancel key of each connection it opens (`remember()`, a few bytes copied by libpq),
+and when a cancellation brings back a connection that psycopg closed, it sends one
+with it (`cancel()`). The request connects to the server, so it is sent from a
+thread of its own, for both pools: never on a client's path, and one at a time
+(a burst of timeouts sends a burst of requests, which need not be parallel).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from typing import Any
+
+from ._explain import error_text
+
+logger = logging.getLogger("psycopg.pool")
+
+_jobs: queue.SimpleQueue[tuple[Any, str]] | None = None
+_start_lock = threading.Lock()
+
+
+def remember(conn: Any) -> None:
+    """Keep the cancel key of a connection just opened, for `cancel()`."""
+    try:
+        conn._pool_cancel = conn.pgconn.get_cancel()
+    except Exception:  # a connection class or libpq that cannot: nothing to send later
+        conn._pool_cancel = None
+
+
+def cancel(conn: Any, pool_name: str) -> None:
+    """Ask the server, in the background, to cancel what `conn` may have left running."""
+    token = getattr(conn, "_pool_cancel", None)
+    if token is None:
+        return
+    conn._pool_cancel = None  # once is enough
+    global _jobs
+    jobs = _jobs
+    if jobs is None:
+        with _start_lock:
+            jobs = _jobs
+            if jobs is None:
+                jobs = _jobs = queue.SimpleQueue()
+                threading.Thread(
+                    target=_run, args=(jobs,), name="psycopg-pool-cancel", daemon=True
+                ).start()
+    jobs.put((token, pool_name))
+
+
+def _run(jobs: queue.SimpleQueue[tuple[Any, str]]) -> None:
+    while True:
+        token, name = jobs.get()
+        try:
+            token.cancel()
+        except Exception as ex:
+            logger.info(
+                "pool %r: could not ask the server to cancel the query of a connection"
+                " closed mid-query: %s",
+                name,
+                error_text(ex),
+            )
+        else:
+            logger.info(
+                "pool %r: asked the server to cancel the query of a connection psycopg"
+                " closed mid-query (its task was cancelled again while psycopg cancelled it)",
+                name,
+            )
+        del token
+
+
+def _forget_in_child() -> None:
+    # The thread does not exist in a forked child: the next cancel() starts one there.
+    global _jobs
+    _jobs = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
