@@ -51,7 +51,7 @@ from ._acompat import (
     sleep,
 )
 from ._core import state as core_state
-from ._core.backoff import DELAY_BACKOFF, DELAY_JITTER, INITIAL_DELAY
+from ._core.backoff import AttemptWithBackoff
 from ._core.commands import (
     Close,
     Collect,
@@ -78,6 +78,7 @@ from ._explain import (
     wait_timeout_message,
     where_taken,
 )
+from .base import BasePool
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
 
 logger = logging.getLogger("psycopg.pool")
@@ -99,7 +100,7 @@ _UNKNOWN = int(TransactionStatus.UNKNOWN)
 _IN_USE = core_state.IN_USE
 
 
-class ConnectionPool(PoolMixin, Generic[CT]):
+class ConnectionPool(PoolMixin, BasePool, Generic[CT]):
     """A pool of `Connection` objects, lent to one caller at a time."""
 
     _null = False
@@ -577,8 +578,9 @@ class ConnectionPool(PoolMixin, Generic[CT]):
                 # check that fails on healthy connections (a broken callback) backs off.
                 if healthy and failures > 1:
                     remaining = deadline - monotonic()
-                    delay = INITIAL_DELAY * DELAY_BACKOFF ** (failures - 2)
-                    delay *= 1.0 + DELAY_JITTER * (2.0 * self._core.rng.random() - 1.0)
+                    knobs = AttemptWithBackoff
+                    delay = knobs.INITIAL_DELAY * knobs.DELAY_BACKOFF ** (failures - 2)
+                    delay *= 1.0 + knobs.DELAY_JITTER * (2.0 * self._core.rng.random() - 1.0)
                     if delay >= remaining:
                         raise self._timeout_error(timeout, check_error)
                     sleep(delay)

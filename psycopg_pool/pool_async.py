@@ -49,7 +49,7 @@ from ._acompat import (
     asleep,
 )
 from ._core import state as core_state
-from ._core.backoff import DELAY_BACKOFF, DELAY_JITTER, INITIAL_DELAY
+from ._core.backoff import AttemptWithBackoff
 from ._core.commands import (
     Close,
     Collect,
@@ -76,6 +76,7 @@ from ._explain import (
     wait_timeout_message,
     where_taken,
 )
+from .base import BasePool
 from .errors import PoolClosed, PoolTimeout, TooManyRequests
 
 logger = logging.getLogger("psycopg.pool")
@@ -97,7 +98,7 @@ _UNKNOWN = int(TransactionStatus.UNKNOWN)
 _IN_USE = core_state.IN_USE
 
 
-class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
+class AsyncConnectionPool(AsyncPoolMixin, BasePool, Generic[ACT]):
     """A pool of `AsyncConnection` objects, lent to one caller at a time."""
 
     _null = False
@@ -575,8 +576,9 @@ class AsyncConnectionPool(AsyncPoolMixin, Generic[ACT]):
                 # check that fails on healthy connections (a broken callback) backs off.
                 if healthy and failures > 1:
                     remaining = deadline - monotonic()
-                    delay = INITIAL_DELAY * DELAY_BACKOFF ** (failures - 2)
-                    delay *= 1.0 + DELAY_JITTER * (2.0 * self._core.rng.random() - 1.0)
+                    knobs = AttemptWithBackoff
+                    delay = knobs.INITIAL_DELAY * knobs.DELAY_BACKOFF ** (failures - 2)
+                    delay *= 1.0 + knobs.DELAY_JITTER * (2.0 * self._core.rng.random() - 1.0)
                     if delay >= remaining:
                         raise self._timeout_error(timeout, check_error)
                     await asleep(delay)

@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import random
 
-# Public knobs, named like upstream's so that code (and tests) tuning them keep working.
-INITIAL_DELAY = 1.0
-DELAY_JITTER = 0.1
-DELAY_BACKOFF = 2.0
+
+class AttemptWithBackoff:
+    """The schedule's knobs, where upstream keeps them (`psycopg_pool.base`).
+
+    Code and tests tune them there (`monkeypatch.setattr(AttemptWithBackoff,
+    "INITIAL_DELAY", 0.01)` to retry sooner), so they are read from this class when a
+    streak of failures starts (and the multiplier at each retry), not copied.
+    """
+
+    INITIAL_DELAY = 1.0
+    DELAY_JITTER = 0.1
+    DELAY_BACKOFF = 2.0
+
+
 # Once `reconnect_timeout` has passed the pool keeps probing, but never less often than this.
 MAX_DELAY = 10.0
 
@@ -39,11 +49,12 @@ class Backoff:
         self,
         rng: random.Random,
         *,
-        initial_delay: float = INITIAL_DELAY,
-        jitter: float = DELAY_JITTER,
-        multiplier: float = DELAY_BACKOFF,
+        initial_delay: float | None = None,
+        jitter: float | None = None,
+        multiplier: float | None = None,
         max_delay: float = MAX_DELAY,
     ) -> None:
+        # None: AttemptWithBackoff's value at the time it is needed.
         self.rng = rng
         self.initial_delay = initial_delay
         self.jitter = jitter
@@ -68,12 +79,15 @@ class Backoff:
         Giving up is reported once per streak; after it the schedule goes on with
         the delay capped at `max_delay` instead of clipped to the give-up time.
         """
+        knobs = AttemptWithBackoff
         if self.started_at is None:
             self.started_at = attempt_started
             self.give_up_at = attempt_started + reconnect_timeout
-            self.delay = self.initial_delay * (1.0 + self.jitter * (2.0 * self.rng.random() - 1.0))
+            initial = knobs.INITIAL_DELAY if self.initial_delay is None else self.initial_delay
+            jitter = knobs.DELAY_JITTER if self.jitter is None else self.jitter
+            self.delay = initial * (1.0 + jitter * (2.0 * self.rng.random() - 1.0))
         elif attempt_started > self.failed_at:
-            self.delay *= self.multiplier
+            self.delay *= knobs.DELAY_BACKOFF if self.multiplier is None else self.multiplier
         else:
             return False
         self.failed_at = now

@@ -8,7 +8,7 @@ from collections import deque
 import pytest
 
 from psycopg_pool._core import state as st
-from psycopg_pool._core.backoff import Backoff
+from psycopg_pool._core.backoff import AttemptWithBackoff, Backoff
 from psycopg_pool._core.commands import Close, Connect, Log, ReconnectFailed
 from psycopg_pool._core.state import Slot
 from psycopg_pool._core.stats import snapshot
@@ -468,6 +468,21 @@ def test_backoff_clips_the_last_retry_to_the_give_up_time(jitter: float) -> None
     assert b.retry_at == 5.0  # 1 + 2 + 4 > 5: clipped
     assert b.failed(5.0, 5.0, 5.0)  # an attempt started at the give-up time fails
     assert not b.failed(b.retry_at, b.retry_at, 5.0)  # reported once
+
+
+def test_backoff_reads_the_knobs_set_on_attempt_with_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import random
+
+    b = Backoff(random.Random(1))
+    monkeypatch.setattr(AttemptWithBackoff, "INITIAL_DELAY", 0.5)
+    monkeypatch.setattr(AttemptWithBackoff, "DELAY_JITTER", 0.0)
+    monkeypatch.setattr(AttemptWithBackoff, "DELAY_BACKOFF", 3.0)
+    b.failed(0.0, 0.0, 100.0)  # the streak starts with the knobs as they are now
+    assert b.retry_at == 0.5
+    b.failed(0.5, 0.5, 100.0)
+    assert b.retry_at == 0.5 + 1.5
 
 
 def test_samples_record_wait_use_create_and_timeouts() -> None:

@@ -62,6 +62,32 @@ def test_submodules() -> None:
     assert errors.PoolTimeout is PoolTimeout
 
 
+def test_base_module_names_every_pool_class_a_base_pool() -> None:
+    # Code in the wild imports upstream's `psycopg_pool.base` for isinstance() checks
+    # and annotations that take any pool.
+    from psycopg_pool.base import AttemptWithBackoff, BasePool
+
+    pools = (ConnectionPool, AsyncConnectionPool, NullConnectionPool, AsyncNullConnectionPool)
+    assert all(issubclass(cls, BasePool) for cls in pools)
+    assert isinstance(NullConnectionPool(refused_conninfo(), open=False), BasePool)
+    assert AttemptWithBackoff.INITIAL_DELAY == 1.0
+    assert AttemptWithBackoff.DELAY_JITTER == 0.1
+    assert AttemptWithBackoff.DELAY_BACKOFF == 2.0
+
+
+def test_backoff_constants_set_on_attempt_with_backoff_are_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As tests do to make a pool retry sooner (`psycopg_pool.base`, upstream's home of
+    # the reconnection schedule). With upstream's 1 s, doubling, five failures take 15 s.
+    from psycopg_pool.base import AttemptWithBackoff
+
+    monkeypatch.setattr(AttemptWithBackoff, "INITIAL_DELAY", 0.01)
+    monkeypatch.setattr(AttemptWithBackoff, "DELAY_BACKOFF", 1.0)
+    with ConnectionPool(refused_conninfo(), min_size=1, open=True) as pool:
+        wait_until(lambda: pool.get_stats().get("connections_errors", 0) >= 5, "5 attempts")
+
+
 # ---------------------------------------------------------------------------
 # Constructor signature and defaults (§2.1)
 
