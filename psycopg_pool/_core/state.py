@@ -113,8 +113,8 @@ STUCK_AFTER = 2.0
 # opened, may be waiting for a connection that only garbage holds: a generator
 # abandoned in the middle of its `connection()` block (a streaming response whose
 # client went away), a connection dropped in a reference cycle. Python's cycle
-# collector may not run for minutes; the pool then asks for it (`Collect`), at most
-# once every COLLECT_EVERY while the starvation lasts.
+# collector may not run for minutes; the pool then asks for it (`Collect`), at first
+# at most once every COLLECT_EVERY while the starvation lasts.
 COLLECT_AFTER = 1.0
 COLLECT_EVERY = 10.0
 # A full collection stalls the whole process (every thread, or the event loop) for as
