@@ -7,12 +7,19 @@ closes the connection instead. The server does not notice a closed client until 
 next reads from or writes to it, so the query runs to its end, holding its locks,
 and a `pg_sleep()` or a query queued behind a lock may run for minutes.
 
-The pool cannot send a cancel request through a closed connection, so it keeps the
-cancel key of each connection it opens (`remember()`, a few bytes copied by libpq),
-and when a cancellation brings back a connection that psycopg closed, it sends one
-with it (`cancel()`). The request connects to the server, so it is sent from a
-thread of its own, for both pools: never on a client's path, and one at a time
-(a burst of timeouts sends a burst of requests, which need not be parallel).
+The pool cannot send a cancel request through a closed connection, so it keeps what
+libpq needs to send one for each connection it opens (`remember()`), and when a
+cancellation brings back a connection that psycopg closed, it sends it (`cancel()`).
+The request connects to the server, so it is sent from a thread of its own, for both
+pools: never on a client's path, and one at a time (a burst of timeouts sends a burst
+of requests, which need not be parallel).
+
+Each request is bounded by CANCEL_TIMEOUT: one that gets no answer (a silent
+network, PgBouncer holding it open) must not hold up the ones after it. That takes
+libpq's non-blocking cancel (`PGcancelConn`, libpq 17 or later, which the psycopg
+binary packages bundle; about 11 KB kept per connection). Older libpq only has a
+blocking call, which psycopg makes without releasing the GIL: one request nobody
+answers would freeze every thread of the process. With it the pool sends nothing.
 """
 
 from __future__ import annotations
@@ -20,22 +27,28 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import threading
+from time import monotonic
 from typing import Any
+
+from psycopg import OperationalError, pq
 
 from ._explain import error_text
 
 logger = logging.getLogger("psycopg.pool")
+
+CANCEL_TIMEOUT = 5.0
 
 _jobs: queue.SimpleQueue[tuple[Any, str]] | None = None
 _start_lock = threading.Lock()
 
 
 def remember(conn: Any) -> None:
-    """Keep the cancel key of a connection just opened, for `cancel()`."""
+    """Keep what it takes to cancel a query of a connection just opened, for `cancel()`."""
     try:
-        conn._pool_cancel = conn.pgconn.get_cancel()
-    except Exception:  # a connection class or libpq that cannot: nothing to send later
+        conn._pool_cancel = conn.pgconn.cancel_conn()
+    except Exception:  # libpq < 17 (see above), or a connection class that cannot
         conn._pool_cancel = None
 
 
@@ -58,11 +71,34 @@ def cancel(conn: Any, pool_name: str) -> None:
     jobs.put((token, pool_name))
 
 
+def send(token: Any, timeout: float = CANCEL_TIMEOUT) -> None:
+    """Send a cancel request; raise OperationalError if it fails or takes too long."""
+    deadline = monotonic() + timeout
+    try:
+        token.start()
+        while True:
+            status = token.poll()
+            if status == pq.PollingStatus.OK:
+                return
+            if status == pq.PollingStatus.FAILED:
+                raise OperationalError(token.get_error_message())
+            remaining = deadline - monotonic()
+            if remaining <= 0.0:
+                raise OperationalError(f"no answer after {timeout:g} sec")
+            sock = [token.socket]
+            if status == pq.PollingStatus.READING:
+                select.select(sock, [], [], remaining)
+            else:
+                select.select([], sock, [], remaining)
+    finally:
+        token.finish()
+
+
 def _run(jobs: queue.SimpleQueue[tuple[Any, str]]) -> None:
     while True:
         token, name = jobs.get()
         try:
-            token.cancel()
+            send(token, CANCEL_TIMEOUT)
         except Exception as ex:
             logger.info(
                 "pool %r: could not ask the server to cancel the query of a connection"

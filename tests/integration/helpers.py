@@ -244,6 +244,38 @@ async def await_until(predicate: Callable[[], object], what: str, timeout: float
         await asyncio.sleep(0.005)
 
 
+def query_running(dsn: str, query: str) -> bool:
+    """Is a statement with exactly this text running on the server (any backend)?"""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE query = %s AND state = 'active'"
+        row = admin.execute(sql, [query]).fetchone()
+    return row is not None and row[0] > 0
+
+
+async def cancel_twice_mid_query(pool: Any, query: str, api: str, dsn: str) -> None:
+    """Run `query` from a task in an anyio cancel scope, and cancel the scope once the
+    server runs it: anyio cancels the task again while psycopg asks the server to
+    cancel the query, and psycopg closes the connection instead (the case the pool's
+    own cancel request is for). `api`: "connection" or "getconn"."""
+    anyio = pytest.importorskip("anyio")
+
+    async def run() -> None:
+        if api == "connection":
+            async with pool.connection() as conn:
+                await conn.execute(query.encode())
+        else:
+            conn = await pool.getconn()
+            try:
+                await conn.execute(query.encode())
+            finally:
+                await pool.putconn(conn)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await await_until(lambda: query_running(dsn, query), "the query to start")
+        tg.cancel_scope.cancel()
+
+
 @contextmanager
 def silent_server() -> Iterator[str]:
     """A local TCP server that accepts connections and never says a word.

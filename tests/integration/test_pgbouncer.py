@@ -20,6 +20,7 @@ What the tests prove (docs/integrations.md has the recipe):
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -28,8 +29,9 @@ import psycopg
 import pytest
 
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from psycopg_pool import _orphan_queries as orphan_queries
 
-from .helpers import run_async, running_threads
+from .helpers import await_until, cancel_twice_mid_query, query_running, run_async, running_threads
 from .pgbouncer import PgBouncer, supports_prepared_statements
 
 if TYPE_CHECKING:
@@ -277,3 +279,36 @@ def test_prepared_statements_with_max_prepared_statements(
             errors, leaks = run_sync_load(pool, default_tz)
         check_load(dsn, bouncer, errors)
         assert leaks == 0
+
+
+@run_async
+async def test_a_cancel_request_through_pgbouncer_holds_up_no_other(
+    dsn: str, bouncer: PgBouncer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The pool's own cancel request for a query psycopg gave up cancelling (see
+    # test_pool_return.py) does not reach the query through PgBouncer, which drops a
+    # client's cancel key when the client disconnects: the query runs on (a limitation
+    # docs/differences.md states). PgBouncer may also hold such a request open without
+    # an answer (seen with libpq's blocking call), so each request gives up after
+    # CANCEL_TIMEOUT, and the next one, queued behind it, still goes.
+    monkeypatch.setattr(orphan_queries, "CANCEL_TIMEOUT", 0.5)
+    caplog.set_level(logging.INFO, logger="psycopg.pool")
+    through_pgbouncer = "SELECT pg_sleep(60) /* through pgbouncer */"
+    direct = "SELECT pg_sleep(60) /* direct, after pgbouncer */"
+    try:
+        async with AsyncConnectionPool(
+            bouncer.dsn, min_size=1, kwargs={"prepare_threshold": None}, open=False, name="pgb"
+        ) as pool:
+            await cancel_twice_mid_query(pool, through_pgbouncer, "connection", dsn)
+        async with AsyncConnectionPool(dsn, min_size=1, open=False) as pool:
+            await cancel_twice_mid_query(pool, direct, "connection", dsn)
+            await await_until(lambda: not query_running(dsn, direct), "the direct cancel")
+        assert "pool 'pgb': asked the server to cancel" in caplog.text or (
+            "pool 'pgb': could not ask the server to cancel" in caplog.text
+        )
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = %s",
+                [through_pgbouncer],
+            )

@@ -15,15 +15,20 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from psycopg_pool import ConnectionPool
+from psycopg_pool import _orphan_queries as orphan_queries
 from psycopg_pool._connection_facts import has_input, still_running
 
+from .faults import FaultProxy
 from .helpers import (
     async_pool,
     await_until,
     backend_pid,
+    cancel_twice_mid_query,
+    query_running,
     run_async,
     terminate_backends,
     wait_until,
@@ -236,35 +241,34 @@ async def test_a_query_psycopg_gives_up_cancelling_is_cancelled_by_the_pool(
     # cancel scope cancels the task again as psycopg waits for that, and psycopg
     # closes the connection instead. Closed, the connection cannot tell the server,
     # which runs the query on, holding its locks, for as long as it lasts.
-    anyio = pytest.importorskip("anyio")
     caplog.set_level(logging.INFO, logger="psycopg.pool")
-    pids: list[int] = []
-
+    query = f"SELECT pg_sleep(60) /* {api} */"
     async with async_pool(dsn, max_size=1) as pool:
-
-        async def query() -> None:
-            if api == "connection":
-                async with pool.connection() as conn:
-                    pids.append(conn.info.backend_pid)
-                    await conn.execute("SELECT pg_sleep(60)")
-            else:
-                conn = await pool.getconn()
-                try:
-                    pids.append(conn.info.backend_pid)
-                    await conn.execute("SELECT pg_sleep(60)")
-                finally:
-                    await pool.putconn(conn)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(query)
-            await await_until(lambda: pids and running(dsn, pids[0]), "the query to start")
-            tg.cancel_scope.cancel()
+        await cancel_twice_mid_query(pool, query, api, dsn)
         if api == "getconn" and sys.version_info < (3, 11):
             pytest.skip("before 3.11 a task cannot tell it is being cancelled")
-        await await_until(lambda: not running(dsn, pids[0]), "the server to stop the query")
+        await await_until(lambda: not query_running(dsn, query), "the server to stop the query")
         async with pool.connection() as conn:  # replaced
             assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
     assert "asked the server to cancel the query" in caplog.text
+
+
+def test_a_cancel_request_nobody_answers_gives_up_in_time(dsn: str) -> None:
+    # A request the other end never answers (a silent network; PgBouncer holding one
+    # open) must not hold up the pool's canceller, which sends its requests one after
+    # the other.
+    with FaultProxy(int(conninfo_to_dict(dsn).get("port") or 5432)) as proxy:
+        conn = psycopg.connect(proxy.conninfo(dsn), autocommit=True)
+        try:
+            token = conn.pgconn.cancel_conn()
+            proxy.blackhole()
+            t0 = time.monotonic()
+            with pytest.raises(psycopg.OperationalError, match=r"no answer after 0\.3 sec"):
+                orphan_queries.send(token, 0.3)
+            assert time.monotonic() - t0 < 5.0  # bounded, not the kernel's TCP timeout
+        finally:
+            proxy.resume()
+            conn.close()
 
 
 def test_return_with_failing_rollback(
