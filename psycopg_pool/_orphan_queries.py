@@ -117,8 +117,10 @@ def _run(jobs: queue.SimpleQueue[tuple[Any, str]]) -> None:
 
 def _forget_in_child() -> None:
     # The thread does not exist in a forked child: the next cancel() starts one there.
-    global _jobs
+    # (A new lock too: another thread of the parent may have held it at the fork.)
+    global _jobs, _start_lock
     _jobs = None
+    _start_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
