@@ -13,7 +13,7 @@ import logging
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
-from psycopg import Connection, ProgrammingError
+from psycopg import Connection, ProgrammingError, capabilities
 from psycopg.pq import TransactionStatus
 
 from ._acompat import resolve
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from .pool import ConnectionPool
 
 logger = logging.getLogger("psycopg.pool")
+# Before libpq 17, cancel_safe() falls back to psycopg's blocking cancel(), which
+# holds the GIL until the server answers: one that never does (a silent network)
+# would freeze every thread of the process. Then a running query is not cancelled.
+NONBLOCKING_CANCEL = capabilities.has_cancel_safe()
 
 IDLE = TransactionStatus.IDLE
 ACTIVE = TransactionStatus.ACTIVE
@@ -149,7 +153,11 @@ def close(conn: Any) -> None:
     conn._pool = None
     try:
         try:
-            if conn.pgconn.transaction_status == ACTIVE and still_running(conn):
+            if (
+                NONBLOCKING_CANCEL
+                and conn.pgconn.transaction_status == ACTIVE
+                and still_running(conn)
+            ):
                 conn.cancel_safe(timeout=CANCEL_TIMEOUT)
         except Exception as ex:
             logger.debug("error cancelling the query of connection %s: %s", conn, ex)

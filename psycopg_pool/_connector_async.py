@@ -11,7 +11,7 @@ import logging
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
-from psycopg import AsyncConnection, ProgrammingError
+from psycopg import AsyncConnection, ProgrammingError, capabilities
 from psycopg.pq import TransactionStatus
 
 from ._acompat import aresolve
@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from .pool_async import AsyncConnectionPool
 
 logger = logging.getLogger("psycopg.pool")
+# Before libpq 17, cancel_safe() falls back to psycopg's blocking cancel(), which
+# holds the GIL until the server answers: one that never does (a silent network)
+# would freeze every thread of the process. Then a running query is not cancelled.
+NONBLOCKING_CANCEL = capabilities.has_cancel_safe()
 
 IDLE = TransactionStatus.IDLE
 ACTIVE = TransactionStatus.ACTIVE
@@ -149,7 +153,11 @@ async def close(conn: Any) -> None:
     conn._pool = None
     try:
         try:
-            if conn.pgconn.transaction_status == ACTIVE and still_running(conn):
+            if (
+                NONBLOCKING_CANCEL
+                and conn.pgconn.transaction_status == ACTIVE
+                and still_running(conn)
+            ):
                 await conn.cancel_safe(timeout=CANCEL_TIMEOUT)
         except Exception as ex:
             logger.debug("error cancelling the query of connection %s: %s", conn, ex)

@@ -180,6 +180,28 @@ def test_a_query_still_running_when_returned_is_cancelled(dsn: str, pool: Connec
     assert pool.get_stats()["returns_bad"] == 1
 
 
+def test_without_a_nonblocking_cancel_a_running_query_is_left_alone(
+    dsn: str, pool: ConnectionPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before libpq 17, psycopg's cancel blocks holding the GIL until the server
+    # answers: the pool closes the connection without asking (see _connector.close()).
+    from psycopg_pool import _connector
+
+    calls: list[object] = []
+    monkeypatch.setattr(_connector, "NONBLOCKING_CANCEL", False)
+    monkeypatch.setattr(psycopg.Connection, "cancel_safe", lambda *a, **k: calls.append(a))
+    conn = pool.getconn()
+    pid = backend_pid(conn)
+    try:
+        conn.pgconn.send_query(b"SELECT pg_sleep(60)")
+        wait_until(lambda: running(dsn, pid), "the query to start")
+        pool.putconn(conn)
+        assert conn.closed and not calls
+        assert pool.get_stats()["returns_bad"] == 1
+    finally:
+        terminate_backends(dsn, pid)
+
+
 @pytest.mark.parametrize(
     "query, runs",
     [("SELECT 1", False), ("SELECT pg_sleep(60)", True), ("SELECT 1; SELECT pg_sleep(60)", True)],
