@@ -112,7 +112,7 @@ def _run(jobs: queue.SimpleQueue[tuple[Any, str]]) -> None:
                 " closed mid-query (its task was cancelled again while psycopg cancelled it)",
                 name,
             )
-        del token
+        del token  # freed now, not kept while the thread waits for the next one
 
 
 def _forget_in_child() -> None:
