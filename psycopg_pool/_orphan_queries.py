@@ -71,7 +71,7 @@ def cancel(conn: Any, pool_name: str) -> None:
     jobs.put((token, pool_name))
 
 
-def send(token: Any, timeout: float = CANCEL_TIMEOUT) -> None:
+def send(token: Any, timeout: float) -> None:
     """Send a cancel request; raise OperationalError if it fails or takes too long."""
     deadline = monotonic() + timeout
     try:
