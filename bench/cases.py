@@ -3,7 +3,8 @@
 A `Case` is one measurement configuration. Compared cases run on both sides (ours
 and upstream) in every pair; baseline cases (the no-pool limit) run once per pair on
 our interpreter, with psycopg only; peer cases run once per pair on upstream's
-interpreter (where SQLAlchemy is installed) and are reported for context only.
+interpreter (where SQLAlchemy and asyncpg are installed) and are reported for
+context only.
 """
 
 from __future__ import annotations
@@ -229,40 +230,65 @@ def churn_cases(s: Settings) -> list[Case]:
     ]
 
 
-def _peer(key: str, params: dict[str, Any], label: str, metric: str, compare: str) -> Case:
+PEER_NAMES = {"sqlalchemy": "SQLAlchemy QueuePool", "asyncpg": "asyncpg Pool"}
+
+
+def _peer(
+    peer: str, key: str, params: dict[str, Any], label: str, metric: str, compare: str
+) -> Case:
     return Case(
-        key=f"peers/sqlalchemy/{key}",
+        key=f"peers/{peer}/{key}",
         section="peers",
-        scenario="peer_sqlalchemy",
+        scenario=f"peer_{peer}",
         params=params,
-        label=f"SQLAlchemy QueuePool: {label}",
+        label=f"{PEER_NAMES[peer]}: {label}",
         metric=metric,
         higher_better=metric == "throughput",
         sides=(PEER,),
-        info={"compare": compare},
+        info={"compare": compare, "peer": peer},
     )
 
 
 def peer_cases(s: Settings) -> list[Case]:
     common = {"warmup": 0.1 if s.quick else 0.3, "duration": s.dur(1.0, 0.3)}
-    shapes = [(64, 16)] if s.quick else [(64, 16), (16, 4)]
     out = [
         _peer(
+            "sqlalchemy",
             "overhead",
             {"what": "overhead", "max_size": 4, **common},
             "checkout + return, no query (pool_size=4)",
             "us_per_cycle",
             "overhead/sync/with",
-        )
+        ),
+        _peer(
+            "asyncpg",
+            "overhead",
+            {"what": "overhead", "max_size": 4, **common},
+            "`async with pool.acquire()`, no query (size 4)",
+            "us_per_cycle",
+            "overhead/async/with",
+        ),
     ]
-    for workers, size in shapes:
+    for workers, size in [(64, 16)] if s.quick else [(64, 16), (16, 4)]:
         out.append(
             _peer(
+                "sqlalchemy",
                 f"threads/w{workers}/max{size}",
                 {"workers": workers, "max_size": size, "autocommit": True, **common},
                 f"SELECT 1, {workers} threads on pool_size={size}",
                 "throughput",
                 f"select1/threads/w{workers}/max{size}/autocommit",
+            )
+        )
+    for workers, size in [(1024, 16)] if s.quick else [(16, 16), (1024, 16)]:
+        out.append(
+            _peer(
+                "asyncpg",
+                f"tasks/w{workers}/max{size}",
+                {"workers": workers, "max_size": size, **common},
+                f"SELECT 1, {workers} tasks on max_size={size}",
+                "throughput",
+                f"select1/tasks/w{workers}/max{size}/autocommit",
             )
         )
     return out

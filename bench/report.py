@@ -452,7 +452,7 @@ def peers_section(res: Results) -> str:
     keys = res.keys("peers", (PEER,))
     if not keys:
         return ""
-    sqla = res.data["env"][UPSTREAM].get("sqlalchemy", "?")
+    env = res.data["env"][UPSTREAM]
     rows = []
     for key in keys:
         c = res.cases[key]
@@ -472,10 +472,19 @@ def peers_section(res: Results) -> str:
         rows.append([c["label"], peer + extra, same])
     return (
         "## Peers (context only, not compared A/B)\n\n"
-        f"SQLAlchemy {sqla} `QueuePool` (max_overflow=0) over the same psycopg, run with"
-        " upstream's interpreter. Its raw pool resets connections with a rollback on return"
-        " (no round trip when idle). *idle workers*: workers that completed no request in"
-        " the window (starved). asyncpg is not measured.\n\n"
+        "Run with upstream's interpreter, once per pair. *idle workers*: workers that"
+        " completed no request in the window (starved).\n\n"
+        f"- SQLAlchemy {env.get('sqlalchemy', '(not installed)')} `QueuePool`"
+        " (max_overflow=0) over the same psycopg. Its raw pool resets connections with a"
+        " rollback on return (no round trip when idle).\n"
+        f"- asyncpg {env.get('asyncpg', '(not installed)')} `Pool`: **a different driver**"
+        " (its own implementation of the protocol, not libpq; `fetchval()` runs a"
+        " prepared statement), so its rows measure the driver and its pool together. It"
+        " runs with `reset=` a no-op: by default it sends a reset query (a round trip) on"
+        " every release, which psycopg_pool does not do for an idle connection. Its release"
+        " runs in a task of its own (`asyncio.shield`), which costs turns of the event"
+        " loop: in a check by hand, no statement reached the server during its no-query"
+        " cycles (the server's transaction counter stayed put).\n\n"
         + table("peer, case | peer result | psycopg_pool, same case (up / ours)", rows)
         + "\n"
     )

@@ -103,6 +103,14 @@ def interpreter_info(python: str) -> dict[str, Any]:
 # interpreters
 
 
+# Peers' packages (also their import names), installed with upstream's interpreter.
+PEER_PACKAGES = ("sqlalchemy", "asyncpg")
+
+
+def pip_install(python: Path) -> list[str]:
+    return [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+
+
 def ensure_upstream_venv(venv: Path, psycopg_version: str | None, peers: bool) -> None:
     """Create `venv` with psycopg[binary] and psycopg-pool 3.3.3 from PyPI if missing."""
     python = venv / "bin" / "python"
@@ -111,27 +119,18 @@ def ensure_upstream_venv(venv: Path, psycopg_version: str | None, peers: bool) -
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         # Same psycopg as our side when possible, so only the pool differs.
         psycopg = f"psycopg[binary]=={psycopg_version}" if psycopg_version else "psycopg[binary]"
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        pip = pip_install(python)
         if subprocess.run([*pip, psycopg, UPSTREAM_PIN]).returncode != 0:
             log(f"could not install {psycopg}; trying the latest psycopg[binary]")
             subprocess.run([*pip, "psycopg[binary]", UPSTREAM_PIN], check=True)
     if peers:
-        probe = subprocess.run(
-            [str(python), "-c", "import sqlalchemy"], capture_output=True, env=child_env()
-        )
-        if probe.returncode != 0:
-            log(f"installing SQLAlchemy into {rel(venv)} for the peer measurements ...")
-            subprocess.run(
-                [
-                    str(python),
-                    "-m",
-                    "pip",
-                    "install",
-                    "-q",
-                    "--disable-pip-version-check",
-                    "sqlalchemy",
-                ],
+        for module in PEER_PACKAGES:
+            probe = subprocess.run(
+                [str(python), "-c", f"import {module}"], capture_output=True, env=child_env()
             )
+            if probe.returncode != 0:
+                log(f"installing {module} into {rel(venv)} for the peer measurements ...")
+                subprocess.run([*pip_install(python), module])
 
 
 def side_info(side: str, python: str) -> dict[str, Any] | None:
@@ -338,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short smoke run: fewer cases, shorter")
     ap.add_argument("--only", default="", help="SCENARIO[,..] or case-key prefixes (see --list)")
     ap.add_argument("--list", action="store_true", help="list the cases that would run and exit")
-    ap.add_argument("--no-peers", action="store_true", help="skip the SQLAlchemy peer cases")
+    ap.add_argument(
+        "--no-peers", action="store_true", help="skip the SQLAlchemy and asyncpg peer cases"
+    )
     ap.add_argument("--duration", type=float, default=None, help="seconds per measurement")
     ap.add_argument(
         "--dsn",
@@ -414,9 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     up_info = side_info(UPSTREAM, up_py)
     if up_info is None:
         return 2
-    if peers and "sqlalchemy" not in up_info:
-        notes.append("SQLAlchemy is not installed with the upstream interpreter: peers skipped.")
-        cases = [c for c in cases if c.section != "peers"]
+    for module in PEER_PACKAGES if peers else ():
+        if module not in up_info:
+            notes.append(f"{module} is not installed with the upstream interpreter: skipped.")
+            cases = [c for c in cases if c.info.get("peer") != module]
     if up_info.get("psycopg_pool") != UPSTREAM_PIN.split("==")[1]:
         notes.append(f"upstream side runs psycopg-pool {up_info.get('psycopg_pool')}, not 3.3.3.")
     if ours_info.get("psycopg_pool_file") == up_info.get("psycopg_pool_file"):

@@ -79,6 +79,12 @@ def env_info() -> dict[str, Any]:
         pass
     else:
         info["sqlalchemy"] = sqlalchemy.__version__
+    try:
+        import asyncpg
+    except ImportError:
+        pass
+    else:
+        info["asyncpg"] = asyncpg.__version__
     return info
 
 
@@ -783,7 +789,8 @@ def scenario_burst(dsn: str, p: Params) -> Metrics:
 
 
 # --------------------------------------------------------------------------------------
-# peers, for context only (not compared A/B): SQLAlchemy's QueuePool over psycopg
+# peers, for context only (not compared A/B): SQLAlchemy's QueuePool over psycopg,
+# and asyncpg's Pool
 
 
 def scenario_peer_sqlalchemy(dsn: str, p: Params) -> Metrics:
@@ -837,12 +844,69 @@ def scenario_peer_sqlalchemy(dsn: str, p: Params) -> Metrics:
         qp.dispose()
 
 
+# asyncpg is a different driver (its own protocol code, not libpq): its numbers
+# measure the driver with its pool, not a pool alone.
+
+
+async def _no_reset(conn: Any) -> None:
+    """Release without asyncpg's default reset query, a round trip per release
+    (psycopg_pool runs none for an idle connection either)."""
+
+
+def scenario_peer_asyncpg(dsn: str, p: Params) -> Metrics:
+    import asyncpg
+    from psycopg.conninfo import conninfo_to_dict
+
+    size = int(p["max_size"])
+    warmup, duration = float(p.get("warmup", 0.3)), float(p.get("duration", 1.0))
+    params = conninfo_to_dict(dsn)
+    connect_kwargs = {
+        "host": params.get("host"),
+        "port": int(params["port"]) if params.get("port") else None,
+        "user": params.get("user"),
+        "database": params.get("dbname"),
+        "password": params.get("password"),
+    }
+
+    async def arun() -> Metrics:
+        pool = await asyncpg.create_pool(
+            min_size=size, max_size=size, reset=_no_reset, **connect_kwargs
+        )
+        try:
+            if p.get("what") == "overhead":
+
+                async def step() -> None:
+                    for _ in range(OVERHEAD_BATCH):
+                        async with pool.acquire():
+                            pass
+
+                batches = await _atimed_batches(step, warmup, duration)
+                return {
+                    "us_per_cycle": min(batches),
+                    "us_per_cycle_median": statistics.median(batches),
+                    "cycles": len(batches) * OVERHEAD_BATCH,
+                }
+
+            async def req() -> tuple[float, float]:
+                async with pool.acquire(timeout=CHECKOUT_TIMEOUT) as conn:
+                    t1 = clock()
+                    await conn.fetchval("SELECT 1")
+                return t1, clock()
+
+            return await run_tasks([req] * int(p["workers"]), warmup, duration)
+        finally:
+            await pool.close()
+
+    return asyncio.run(arun())
+
+
 SCENARIOS: dict[str, Callable[[str, Params], Metrics]] = {
     "overhead": scenario_overhead,
     "select1": scenario_select1,
     "burst": scenario_burst,
     "churn": scenario_churn,
     "peer_sqlalchemy": scenario_peer_sqlalchemy,
+    "peer_asyncpg": scenario_peer_asyncpg,
 }
 
 
