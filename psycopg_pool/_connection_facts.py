@@ -101,18 +101,25 @@ def has_input(conn: Any) -> bool:
         fd = conn.pgconn.socket
     except Exception:
         return True
+    try:
+        return socket_ready(fd, reading=True, timeout=0.0)
+    except (OSError, ValueError):
+        return True
+
+
+def socket_ready(fd: int, reading: bool, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for `fd` to be readable (or writable); True if it is
+    (an error or hang-up on it counts as ready: the next operation reports it)."""
     poll = getattr(select, "poll", None)
     if poll is None:
         # Windows has no poll(); its select() takes a socket handle of any value
-        # (elsewhere select() fails on descriptors past FD_SETSIZE, hence poll()).
-        try:
-            readable, _, broken = select.select([fd], [], [fd], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable or broken)
+        # (elsewhere select() fails on descriptors past FD_SETSIZE, hence poll(): a
+        # busy service has more than 1024 files open).
+        ready = select.select([fd] if reading else [], [] if reading else [fd], [fd], timeout)
+        return any(ready)
     poller = poll()
-    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
-    return bool(poller.poll(0))
+    poller.register(fd, (select.POLLIN if reading else select.POLLOUT) | select.POLLERR)
+    return bool(poller.poll(timeout * 1000.0))
 
 
 def still_running(conn: Any) -> bool:

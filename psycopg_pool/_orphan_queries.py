@@ -27,13 +27,13 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import select
 import threading
 from time import monotonic
 from typing import Any
 
 from psycopg import OperationalError, pq
 
+from ._connection_facts import socket_ready
 from ._explain import error_text
 
 logger = logging.getLogger("psycopg.pool")
@@ -85,11 +85,7 @@ def send(token: Any, timeout: float) -> None:
             remaining = deadline - monotonic()
             if remaining <= 0.0:
                 raise OperationalError(f"no answer after {timeout:g} sec")
-            sock = [token.socket]
-            if status == pq.PollingStatus.READING:
-                select.select(sock, [], [], remaining)
-            else:
-                select.select([], sock, [], remaining)
+            socket_ready(token.socket, status == pq.PollingStatus.READING, remaining)
     finally:
         token.finish()
 

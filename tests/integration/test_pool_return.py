@@ -7,14 +7,18 @@ statuses, the reset callback and their WARNING logs), traps 13-15, 18, 23, 24.
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
@@ -291,6 +295,42 @@ def test_a_cancel_request_nobody_answers_gives_up_in_time(dsn: str) -> None:
         finally:
             proxy.resume()
             conn.close()
+
+
+@contextmanager
+def descriptors_taken_up_to(n: int) -> Iterator[None]:
+    """Hold every free file descriptor below `n`: the next one opened is past it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < n + 100:
+        pytest.skip(f"the process may not open {n} files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, n + 100), hard))
+    held: list[int] = []
+    try:
+        while not held or held[-1] < n:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.skipif(pq.version() < 170000, reason="libpq < 17 has no non-blocking cancel")
+def test_a_cancel_request_on_a_descriptor_past_fd_setsize(dsn: str) -> None:
+    # A busy service (a web server with its clients' sockets) has more than 1024 files
+    # open, past what select() can watch: the cancel request's own socket is one of
+    # those, and the request must still go out.
+    query = "SELECT pg_sleep(60) /* past FD_SETSIZE */"
+    conn = psycopg.connect(dsn, autocommit=True)
+    try:
+        conn.pgconn.send_query(query.encode())
+        wait_until(lambda: query_running(dsn, query), "the query to start")
+        token = conn.pgconn.cancel_conn()
+        with descriptors_taken_up_to(1100):
+            orphan_queries.send(token, 5.0)
+        wait_until(lambda: not query_running(dsn, query), "the server to stop the query")
+    finally:
+        conn.close()  # its query's result unread: no `with`, whose exit would commit
 
 
 def test_return_with_failing_rollback(
