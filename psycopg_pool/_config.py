@@ -9,11 +9,12 @@ thread. Values upstream accepts and that make sense keep working.
 from __future__ import annotations
 
 from itertools import count
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import psycopg
 
 _pool_ids = count(1)
+T = TypeVar("T")
 
 # From psycopg 3.3, `Connection.close()` gives a pooled connection back to its pool
 # when the pool has `close_returns` set.
@@ -91,3 +92,25 @@ def check_connection_class(value: object, base: type) -> None:
             f"connection_class must be a subclass of {base.__module__}.{base.__qualname__},"
             f" got {value!r}"
         )
+
+
+class CoreSetting(Generic[T]):
+    """A pool setting kept in the pool's core, under the same name: the core reads it
+    where it decides, and code that sets it on the pool (as upstream's attributes
+    allow) changes the pool's behaviour from then on."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, pool: None, owner: type) -> CoreSetting[T]: ...
+    @overload
+    def __get__(self, pool: object, owner: type) -> T: ...
+    def __get__(self, pool: object, owner: type) -> CoreSetting[T] | T:
+        if pool is None:
+            return self
+        value: T = getattr(pool._core, self._name)  # type: ignore[attr-defined]
+        return value
+
+    def __set__(self, pool: object, value: T) -> None:
+        setattr(pool._core, self._name, value)  # type: ignore[attr-defined]

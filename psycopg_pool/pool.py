@@ -236,45 +236,11 @@ class ConnectionPool(PoolMixin, BasePool, Generic[CT]):
     def closed(self) -> bool:
         return self._core.status != core_state.OPEN
 
-    @property
-    def max_waiting(self) -> int:
-        return self._core.max_waiting
-
-    @max_waiting.setter
-    def max_waiting(self, value: int) -> None:
-        self._core.max_waiting = value
-
-    @property
-    def max_lifetime(self) -> float:
-        return self._core.max_lifetime
-
-    @max_lifetime.setter
-    def max_lifetime(self, value: float) -> None:
-        self._core.max_lifetime = value
-
-    @property
-    def max_idle(self) -> float:
-        return self._core.max_idle
-
-    @max_idle.setter
-    def max_idle(self, value: float) -> None:
-        self._core.max_idle = value
-
-    @property
-    def reconnect_timeout(self) -> float:
-        return self._core.reconnect_timeout
-
-    @reconnect_timeout.setter
-    def reconnect_timeout(self, value: float) -> None:
-        self._core.reconnect_timeout = value
-
-    @property
-    def num_workers(self) -> int:
-        return self._core.num_workers
-
-    @num_workers.setter
-    def num_workers(self, value: int) -> None:
-        self._core.num_workers = value
+    max_waiting: _config.CoreSetting[int] = _config.CoreSetting()
+    max_lifetime: _config.CoreSetting[float] = _config.CoreSetting()
+    max_idle: _config.CoreSetting[float] = _config.CoreSetting()
+    reconnect_timeout: _config.CoreSetting[float] = _config.CoreSetting()
+    num_workers: _config.CoreSetting[int] = _config.CoreSetting()
 
     # ------------------------------------------------------------------
     # Opening and closing

@@ -277,6 +277,24 @@ def test_read_only_properties() -> None:
             setattr(pool, attr, 1)
 
 
+@pytest.mark.parametrize("cls", [ConnectionPool, AsyncConnectionPool])
+def test_settings_read_back_what_is_set(cls: type[Any]) -> None:
+    # Kept in the pool's core, which reads them where it decides (the tests of each
+    # setting's effect set them on the pool).
+    pool = cls(open=False, max_waiting=5, max_lifetime=60.0, max_idle=30.0)
+    assert (pool.max_waiting, pool.max_lifetime, pool.max_idle) == (5, 60.0, 30.0)
+    new = {
+        "max_waiting": 7,
+        "max_lifetime": 90.0,
+        "max_idle": 45.0,
+        "reconnect_timeout": 12.0,
+        "num_workers": 2,
+    }
+    for attr, value in new.items():
+        setattr(pool, attr, value)
+    assert {attr: getattr(pool, attr) for attr in new} == new
+
+
 def test_writable_attributes_are_used(dsn: str) -> None:
     pool: ConnectionPool = ConnectionPool(refused_conninfo(), min_size=1, open=False)
     pool.conninfo = dsn  # read at each connection attempt
