@@ -18,6 +18,7 @@ from psycopg.pq import TransactionStatus
 
 from ._acompat import resolve
 from ._connection_facts import add_network_defaults, still_running
+from ._explain import without_password
 
 if TYPE_CHECKING:
     from .pool import ConnectionPool
@@ -65,7 +66,14 @@ class ConnectAttempt:
 
         t0 = monotonic()
         self.connect_failed = True
-        conn = pool.connection_class.connect(conninfo or "", **kwargs)
+        try:
+            conn = pool.connection_class.connect(conninfo or "", **kwargs)
+        except Exception as ex:
+            # Every message and log line about the failure quotes this exception.
+            clean = without_password(ex, conninfo)
+            if clean is ex:
+                raise
+            raise clean from None
         self.connect_failed = False
         self.ms = int(1000.0 * (monotonic() - t0))
 

@@ -16,6 +16,7 @@ from psycopg.pq import TransactionStatus
 
 from ._acompat import aresolve
 from ._connection_facts import add_network_defaults, still_running
+from ._explain import without_password
 
 if TYPE_CHECKING:
     from .pool_async import AsyncConnectionPool
@@ -63,7 +64,14 @@ class AsyncConnectAttempt:
 
         t0 = monotonic()
         self.connect_failed = True
-        conn = await pool.connection_class.connect(conninfo or "", **kwargs)
+        try:
+            conn = await pool.connection_class.connect(conninfo or "", **kwargs)
+        except Exception as ex:
+            # Every message and log line about the failure quotes this exception.
+            clean = without_password(ex, conninfo)
+            if clean is ex:
+                raise
+            raise clean from None
         self.connect_failed = False
         self.ms = int(1000.0 * (monotonic() - t0))
 

@@ -19,6 +19,7 @@ import traceback
 import types
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import unquote
 
 from ._core.state import CHECKING, CONNECTING, IDLE, IN_USE, STUCK_AFTER, PoolCore, Slot
 
@@ -41,6 +42,69 @@ def error_text(ex: BaseException) -> str:
     """One line naming an exception, with secrets masked."""
     msg = " ".join(str(ex).split())
     return mask(f"{type(ex).__name__}: {msg}" if msg else type(ex).__name__)
+
+
+# What of a conninfo string may be a password, even where libpq reads it otherwise: an
+# unquoted one with a space (`password=sec ret`: "ret" becomes a key of its own) or a
+# URL's with an unescaped "@" (`//user:p@ss@host`: the host becomes "ss@host"). libpq's
+# errors quote such pieces, so masking `password=...` alone would show them.
+_KV_PASSWORD = re.compile(r"(?is)\bpassword\s*=\s*(.*?)(?=\s+[a-z_]\w*\s*=|\s*$)")
+_URL_NETLOC = re.compile(r"(?i)^\s*[a-z][a-z0-9+.-]*://([^/?#]*)")
+_URL_PASSWORD = re.compile(r"(?i)[?&]password=([^&#]*)")
+_PIECES = re.compile(r"[\s@:/'\"]+")
+_QUOTED = re.compile(r"\"([^\"]*)\"|'([^']*)'")
+
+
+def password_pieces(conninfo: str) -> list[str]:
+    """The text that may hold a password in `conninfo`, whole and in pieces."""
+    url = _URL_NETLOC.match(conninfo)
+    if url:
+        netloc = url.group(1)
+        userinfo = netloc[: netloc.rfind("@")] if "@" in netloc else ""
+        found = _URL_PASSWORD.findall(conninfo)
+        if ":" in userinfo:
+            found.append(userinfo[userinfo.index(":") + 1 :])
+    else:
+        found = [m.group(1) for m in _KV_PASSWORD.finditer(conninfo)]
+    found += [unquote(secret) for secret in found if "%" in secret]
+    pieces = [p for secret in found for p in _PIECES.split(secret) if p]
+    return list(dict.fromkeys([s for s in found if s] + pieces))
+
+
+def mask_pieces(text: str, pieces: list[str]) -> str:
+    """`text` without the `password_pieces()` of a conninfo: a quoted word made of any
+    of them (libpq quotes what it cannot read), or one of four characters or more."""
+    if not pieces:
+        return text
+    known = set(pieces)
+
+    def quoted(m: re.Match[str]) -> str:
+        inner = m.group(1) if m.group(1) is not None else m.group(2)
+        if any(p in known for p in _PIECES.split(inner)):
+            return m.group(0)[0] + "***" + m.group(0)[0]
+        return m.group(0)
+
+    text = _QUOTED.sub(quoted, text)
+    for p in sorted(known, key=len, reverse=True):
+        if len(p) >= 4:
+            text = text.replace(p, "***")
+    return text
+
+
+def without_password(ex: BaseException, conninfo: object) -> BaseException:
+    """`ex`, from an attempt to connect with `conninfo`, or a copy of it whose message
+    shows no piece of the password (`password_pieces()`)."""
+    if not isinstance(conninfo, str):
+        return ex
+    text = str(ex)
+    masked = mask_pieces(text, password_pieces(conninfo))
+    if masked == text:
+        return ex
+    try:
+        copy = type(ex)(masked)
+    except Exception:
+        copy = RuntimeError(masked)
+    return copy
 
 
 def timeout_message(

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import psycopg
 
-from .._explain import error_text, mask
+from .._explain import error_text, mask, mask_pieces, password_pieces, without_password
 from ..errors import PoolTimeout
 from ..pool import ConnectionPool
 from ..pool_async import AsyncConnectionPool
@@ -418,7 +418,7 @@ def server_info(dsn: str) -> ServerInfo:
                 "   WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())::int"
             ).fetchone()
     except psycopg.Error as ex:
-        info.error = error_text(ex)
+        info.error = error_text(without_password(ex, dsn))
         return info
     assert row is not None
     info.version, info.max_connections, su, res, info.others = row
@@ -576,7 +576,8 @@ def run(args: argparse.Namespace) -> int:
             runner(bench, dsn)
             res = results(bench, server)
     except (BenchError, NoServerError) as ex:
-        print(f"psycopg-pool bench: {mask(str(ex))}", file=sys.stderr)
+        text = mask_pieces(mask(str(ex)), password_pieces(args.dsn or ""))
+        print(f"psycopg-pool bench: {text}", file=sys.stderr)
         return 1
     if args.json:
         out.write(to_json(res) + "\n")

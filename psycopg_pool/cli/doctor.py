@@ -30,7 +30,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from .._connection_facts import add_network_defaults
-from .._explain import mask
+from .._explain import mask, mask_pieces, password_pieces
 from ..errors import PoolTimeout
 from ..pool import ConnectionPool
 from .display import fmt_seconds
@@ -96,6 +96,7 @@ class Doctor:
         except psycopg.Error:
             given = None
         self.password = str(given or os.environ.get("PGPASSWORD") or "")
+        self.pieces = password_pieces(dsn)  # also of a DSN libpq misreads
         self.min_size: int = max(0, args.min_size)
         self.max_size: int = args.max_size if args.max_size is not None else max(1, self.min_size)
         self.processes: int = max(1, args.processes)
@@ -117,7 +118,7 @@ class Doctor:
 
     def hide(self, text: str) -> str:
         """Mask anything that looks like a password, and the password itself."""
-        text = mask(text)
+        text = mask_pieces(mask(text), self.pieces)
         if len(self.password) >= 3:
             text = text.replace(self.password, "***")
         return text

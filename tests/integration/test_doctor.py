@@ -132,6 +132,14 @@ def test_password_from_the_environment_is_not_printed(
     assert PASSWORD not in out
 
 
+def test_a_password_libpq_misreads_is_not_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    # Unquoted, with a space: libpq reads "Piece7" as a key and quotes it in its error.
+    code, out = doctor(capsys, "host=127.0.0.1 password=Sec9ret Piece7")
+    assert code == 1
+    assert "cannot be parsed" in line(out, "FAIL", "conninfo")
+    assert "Piece7" not in out and "Sec9ret" not in out
+
+
 def test_missing_database(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     params = psycopg.conninfo.conninfo_to_dict(dsn)
     params["dbname"] = "no_such_db_here"

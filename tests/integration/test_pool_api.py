@@ -5,6 +5,7 @@ Spec: API.md §1, §2.1, §2.5, and the "how real clients call the pool" appendi
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 import subprocess
@@ -306,6 +307,39 @@ def test_writable_attributes_are_used(dsn: str) -> None:
             assert conn.execute("SHOW application_name").fetchone() == ("writable",)
         assert pool.name == "renamed"
         assert "'renamed'" in repr(pool)
+
+
+@pytest.mark.parametrize(
+    ("form", "says"),
+    [
+        # Unquoted with a space: libpq takes "Piece7" for a key, and says so.
+        ("host={host} port={port} password=Sec9ret Piece7", 'missing "=" after'),
+        # An unescaped "@" in a URL: libpq takes "Piece7@host" for the host.
+        ("postgresql://postgres:Sec9ret@Piece7@{host}:{port}/postgres", "failed to resolve host"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_password_libpq_misreads_shows_in_no_message(
+    dsn: str, form: str, says: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    conninfo = form.format(host=params.get("host", "localhost"), port=params.get("port", 5432))
+    caplog.set_level("DEBUG", logger="psycopg.pool")
+
+    async def aget() -> None:
+        async with AsyncConnectionPool(conninfo, min_size=1, timeout=1.0, open=False) as apool:
+            await apool.getconn()
+
+    with pytest.raises(PoolTimeout) as info:
+        if kind == "sync":
+            with ConnectionPool(conninfo, min_size=1, timeout=1.0, open=False) as pool:
+                pool.getconn()
+        else:
+            asyncio.run(aget())
+    texts = [str(info.value), repr(info.value), str(info.value.__cause__), caplog.text]
+    assert "error connecting" in caplog.text  # the failures were logged...
+    assert not [t for t in texts if "Piece7" in t or "Sec9ret" in t]  # ...without it
+    assert says in str(info.value)  # and the message still says why
 
 
 def test_conninfo_and_kwargs_callables_run_per_attempt(dsn: str) -> None:
