@@ -29,7 +29,8 @@ _SECRET_KV = re.compile(
     ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s'"]+)
     """
 )
-_SECRET_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*):([^@\s]*)@")
+# Up to the last "@" before the path: a password may hold an unescaped "@" too.
+_SECRET_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*):([^\s/?#]*)@")
 
 
 def mask(text: str) -> str:

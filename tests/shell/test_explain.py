@@ -9,7 +9,13 @@ import psycopg
 import pytest
 
 from psycopg_pool._core.state import IN_USE, Slot
-from psycopg_pool._explain import describe_owner, mask_pieces, password_pieces, without_password
+from psycopg_pool._explain import (
+    describe_owner,
+    mask,
+    mask_pieces,
+    password_pieces,
+    without_password,
+)
 
 
 class Conn:
@@ -79,3 +85,8 @@ def test_a_connect_error_showing_a_piece_is_replaced_by_a_masked_copy() -> None:
     assert str(clean) == 'missing "=" after "***" in connection info string'
     other = psycopg.OperationalError("connection refused")
     assert without_password(other, conninfo) is other  # nothing to hide: the original
+
+
+def test_a_url_password_with_an_unescaped_at_is_masked_whole() -> None:
+    text = "dsn postgresql://app:Sec9ret@Piece7@db:5432/app and postgres://a:b@c/d"
+    assert mask(text) == "dsn postgresql://app:***@db:5432/app and postgres://a:***@c/d"
