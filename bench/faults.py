@@ -61,14 +61,16 @@ class Section:
 SECTIONS = [
     Section(
         "auth",
-        "Wrong password / no password / missing database",
-        "The server asks for a password (scram-sha-256). For each of the three mistakes,"
+        "Wrong password / no password / missing database / a password libpq misreads",
+        "The server asks for a password (scram-sha-256). For each of the four mistakes (the"
+        " last: a password with a space, unquoted, so libpq quotes its second word in its"
+        " error as an unknown key),"
         " five calls, each on a pool of its own (min_size 1, timeout 5 s), all at once:"
         " `getconn()` right after `open()`, `getconn()` once the first attempt has failed,"
         " `wait()` right after `open()`, `wait()` once the first attempt has failed, and"
         " `open(wait=True)`. Expected: `PoolTimeout` within one connect attempt, with the"
         " server's message, the psycopg error as `__cause__`, and no password anywhere.",
-        [Run("auth", "3 mistakes x 5 calls", {"timeout": 5.0})],
+        [Run("auth", "4 mistakes x 5 calls", {"timeout": 5.0})],
     ),
     Section(
         "refused",
@@ -244,7 +246,7 @@ def auth_cells(r: Report) -> Cells:
     return (
         f"{raised}/{n} raise PoolTimeout; server's message in it: {why}/{n};"
         f" as `__cause__`: {cause}/{n}",
-        f"raised after (slowest of 3): {timing}; timeout {r['timeout']:g} s",
+        f"raised after (slowest of {len(r['cases'])}): {timing}; timeout {r['timeout']:g} s",
         "0 (none opened)",
         str(sum(c["hung"] for c in calls)),
         f"attempts made by the time of the error: {min(attempts)}-{max(attempts)};"

@@ -519,7 +519,10 @@ def embedded_pg_class() -> Any:
 PASSWORD = "Pool-s3cret-pw"  # the role's password while password authentication is on
 WRONG_PASSWORD = "Wr0ng-s3cret-pw"
 PASSWORD_HBA = ["local all all trust", "host all all 127.0.0.1/32 scram-sha-256"]
-SECRETS = (PASSWORD, WRONG_PASSWORD)
+# The rest of a password with a space, unquoted: libpq reads it as a key of its own and
+# quotes it in its error ('missing "=" after "..."').
+MISREAD_PIECE = "Piece-s3cret"
+SECRETS = (PASSWORD, WRONG_PASSWORD, MISREAD_PIECE)
 
 #: case -> (conninfo from the server's dsn, what the server or libpq says)
 AUTH_CASES: dict[str, tuple[Callable[[str], str], str]] = {
@@ -531,6 +534,10 @@ AUTH_CASES: dict[str, tuple[Callable[[str], str], str]] = {
     "missing_database": (
         lambda dsn: make_conninfo(dsn, dbname="no_such_db", password=PASSWORD),
         'database "no_such_db" does not exist',
+    ),
+    "misread_password": (
+        lambda dsn: f"{dsn} password={PASSWORD} {MISREAD_PIECE}",
+        'missing "=" after',
     ),
 }
 #: getconn() or wait() right after open(), or once the first attempt has failed;
@@ -585,7 +592,7 @@ def scenario_auth(server: Any, timeout: float = 10.0) -> dict[str, Any]:
                 "message": message,
                 "says_why": server_says in message,
                 "cause": first_line(cause) if cause is not None else None,
-                "cause_is_psycopg_error": isinstance(cause, psycopg.OperationalError),
+                "cause_is_psycopg_error": isinstance(cause, psycopg.Error),
                 "cause_says_why": cause is not None and server_says in str(cause),
                 "attempts": pool.get_stats().get("connections_errors", 0),
             }
