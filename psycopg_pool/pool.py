@@ -869,13 +869,17 @@ class ConnectionPool(PoolMixin, BasePool, Generic[CT]):
             slot.conn = conn
             conn._pool = None
             status = conn.pgconn.transaction_status
-            if status == _UNKNOWN and cancelling():
+            # Closed by psycopg as the task was cancelled again mid-query?
+            orphaned = status == _UNKNOWN and cancelling()
+            if orphaned:
                 orphan_queries.cancel(conn, self.name)  # see _put_back_later()
             if self._core.status != core_state.OPEN:
                 self._discard(slot, None)  # closing it is all there is left to do
                 return
             if status == _UNKNOWN:
-                logger.warning("discarding closed connection: %s", conn)
+                # (psycopg has warned about an orphaned one: see _give_back())
+                log = logger.info if orphaned else logger.warning
+                log("discarding closed connection: %s", conn)
                 self._discard(slot, "returns_bad")
                 self._sweep_idle(conn)
                 return
@@ -917,6 +921,9 @@ class ConnectionPool(PoolMixin, BasePool, Generic[CT]):
         conn._pool = None
         status = conn.pgconn.transaction_status
         if status == _UNKNOWN:
+            # INFO, not upstream's WARNING: closed by psycopg, which has warned already
+            # (a cancellation it could not finish), or found broken by a failed check.
+            logger.info("discarding closed connection: %s", conn)
             self._discard(slot, counter)
             self._sweep_idle(conn)
             return False

@@ -277,6 +277,11 @@ async def test_a_query_psycopg_gives_up_cancelling_is_cancelled_by_the_pool(
         async with pool.connection() as conn:  # replaced
             assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
     assert "asked the server to cancel the query" in caplog.text
+    # psycopg warned ("query cancellation interrupted"): the pool says the rest at INFO.
+    pool_records = [r for r in caplog.records if r.name == "psycopg.pool"]
+    assert not [r.getMessage() for r in pool_records if r.levelno >= logging.WARNING]
+    if api == "connection":  # (getconn: putconn() cleans it in the background)
+        assert any(r.getMessage().startswith("discarding closed connection") for r in pool_records)
 
 
 def test_a_cancel_request_nobody_answers_gives_up_in_time(dsn: str) -> None:
