@@ -12,6 +12,7 @@ Lock order: this module's lock, then the pool's `_lock` (the pool never takes ou
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import Any, TypeAlias
@@ -101,6 +102,17 @@ class SampleFeed:
                 del _feeds[self.pool]
                 with self.pool._lock:
                     self.pool._core.samples = None
+
+
+def _new_lock_in_child() -> None:
+    # Another thread of the parent (a metrics scrape) may have held it at the fork:
+    # inherited locked, it would block the child's first scrape for good.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def check_pool(pool: object) -> AnyPool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import select
+import signal
 import sys
 from typing import Any
 
@@ -154,3 +156,41 @@ def test_multiprocessing_fork_workers_use_the_inherited_pool(dsn: str) -> None:
                 assert conn.execute("SELECT 42").fetchone() == (42,)
         finally:
             _GLOBAL_POOL = None
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open() (Linux)")
+def test_a_metrics_lock_held_at_the_fork_does_not_block_the_child(dsn: str) -> None:
+    # Another thread of the parent (a Prometheus scrape) holds the exporters' lock at the
+    # moment of the fork: the child must not inherit it locked.
+    from psycopg_pool.metrics import _source
+
+    with ConnectionPool(dsn, min_size=1, open=True) as pool:
+        pool.wait(5)
+
+        def child() -> int:
+            feed = _source.SampleFeed(pool)
+            with pool.connection(timeout=5):
+                pass
+            events = feed.drain()
+            feed.close()
+            return 0 if any(kind == "wait" for kind, _ in events) else 1
+
+        with _source._lock:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                code = 99
+                try:
+                    code = child()
+                finally:
+                    os._exit(code)
+            # The child's end, as an event: a pidfd turns readable when it exits.
+            pidfd = os.pidfd_open(pid)
+            try:
+                ended = bool(select.select([pidfd], [], [], 10.0)[0])
+            finally:
+                os.close(pidfd)
+        if not ended:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert ended, "the child blocked on the lock it inherited"
+        assert os.waitstatus_to_exitcode(status) == 0
