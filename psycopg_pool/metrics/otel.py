@@ -40,6 +40,7 @@ The timeouts and the histograms come from the events the pool records while watc
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -268,3 +269,16 @@ class _Instruments:
 
 _meters_lock = threading.Lock()
 _by_meter: weakref.WeakKeyDictionary[Meter, _Instruments] = weakref.WeakKeyDictionary()
+
+
+def _new_locks_in_child() -> None:
+    # The SDK's reader thread runs the callbacks, under these locks, and may have held
+    # one at the fork: inherited locked, it would block the child's first collection.
+    global _meters_lock
+    _meters_lock = threading.Lock()
+    for inst in list(_by_meter.values()):
+        inst._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_in_child)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import select
@@ -158,6 +159,31 @@ def test_multiprocessing_fork_workers_use_the_inherited_pool(dsn: str) -> None:
             _GLOBAL_POOL = None
 
 
+def ends_in_time(child: Any, held: list[Any], seconds: float = 10.0) -> int:
+    """Fork while `held` locks are held (as by other threads of the parent); the exit
+    status of `child()` run in the child, or -1 if it did not end within `seconds`."""
+    with contextlib.ExitStack() as stack:
+        for lock in held:
+            stack.enter_context(lock)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 99
+            try:
+                code = child()
+            finally:
+                os._exit(code)
+        # The child's end, as an event: a pidfd turns readable when it exits.
+        pidfd = os.pidfd_open(pid)
+        try:
+            ended = bool(select.select([pidfd], [], [], seconds)[0])
+        finally:
+            os.close(pidfd)
+    if not ended:
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) if ended else -1
+
+
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open() (Linux)")
 def test_a_metrics_lock_held_at_the_fork_does_not_block_the_child(dsn: str) -> None:
     # Another thread of the parent (a Prometheus scrape) holds the exporters' lock at the
@@ -175,22 +201,31 @@ def test_a_metrics_lock_held_at_the_fork_does_not_block_the_child(dsn: str) -> N
             feed.close()
             return 0 if any(kind == "wait" for kind, _ in events) else 1
 
-        with _source._lock:
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - runs in the child
-                code = 99
-                try:
-                    code = child()
-                finally:
-                    os._exit(code)
-            # The child's end, as an event: a pidfd turns readable when it exits.
-            pidfd = os.pidfd_open(pid)
-            try:
-                ended = bool(select.select([pidfd], [], [], 10.0)[0])
-            finally:
-                os.close(pidfd)
-        if not ended:
-            os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        assert ended, "the child blocked on the lock it inherited"
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert ends_in_time(child, [_source._lock]) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open() (Linux)")
+def test_an_otel_lock_held_at_the_fork_does_not_block_the_child(dsn: str) -> None:
+    # OpenTelemetry's reader thread runs the pool's callbacks under their lock.
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from psycopg_pool.metrics import otel
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        with ConnectionPool(dsn, min_size=1, open=True, name="forked-otel") as pool:
+            pool.wait(5)
+            metrics = otel.PoolMetrics(pool, meter_provider=provider)
+
+            def child() -> int:
+                data = reader.get_metrics_data()  # runs the pool's callbacks
+                return 0 if data is not None and data.resource_metrics else 1
+
+            held = [otel._meters_lock, metrics._instruments._lock]
+            assert ends_in_time(child, held) == 0
+            metrics.remove_pool(pool)
+    finally:
+        provider.shutdown()
