@@ -408,6 +408,18 @@ class Watchdog:
             del conn
 
 
+def _new_watchdog_in_child() -> None:
+    # Its thread is not copied by fork(), and held its condition between two waits: the
+    # child's first check would block on it. The parent's deadlines are not the child's.
+    Watchdog._made = {}
+    Watchdog._heap = []
+    Watchdog._thread = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_watchdog_in_child)
+
+
 # ----------------------------------------------------------------------
 # Sleeping until woken (the housekeeper)
 

@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import sys
+import threading
 from typing import Any
 
 import psycopg
@@ -160,11 +161,21 @@ def test_multiprocessing_fork_workers_use_the_inherited_pool(dsn: str) -> None:
 
 
 def ends_in_time(child: Any, held: list[Any], seconds: float = 10.0) -> int:
-    """Fork while `held` locks are held (as by other threads of the parent); the exit
-    status of `child()` run in the child, or -1 if it did not end within `seconds`."""
-    with contextlib.ExitStack() as stack:
-        for lock in held:
-            stack.enter_context(lock)
+    """Fork while another thread of the parent holds the `held` locks; the exit status
+    of `child()` run in the child, or -1 if it did not end within `seconds`."""
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with contextlib.ExitStack() as stack:
+            for lock in held:
+                stack.enter_context(lock)
+            holding.set()
+            done.wait(30.0)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(10.0)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = 99
@@ -172,12 +183,15 @@ def ends_in_time(child: Any, held: list[Any], seconds: float = 10.0) -> int:
                 code = child()
             finally:
                 os._exit(code)
-        # The child's end, as an event: a pidfd turns readable when it exits.
-        pidfd = os.pidfd_open(pid)
-        try:
-            ended = bool(select.select([pidfd], [], [], seconds)[0])
-        finally:
-            os.close(pidfd)
+    finally:
+        done.set()
+        holder.join()
+    # The child's end, as an event: a pidfd turns readable when it exits.
+    pidfd = os.pidfd_open(pid)
+    try:
+        ended = bool(select.select([pidfd], [], [], seconds)[0])
+    finally:
+        os.close(pidfd)
     if not ended:
         os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
@@ -229,3 +243,21 @@ def test_an_otel_lock_held_at_the_fork_does_not_block_the_child(dsn: str) -> Non
             metrics.remove_pool(pool)
     finally:
         provider.shutdown()
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open() (Linux)")
+def test_the_check_watchdog_held_at_the_fork_does_not_block_the_child(dsn: str) -> None:
+    # The watchdog's thread, which bounds every check by its client's deadline, holds
+    # its condition between two waits: a fork at that moment must not leave it locked.
+    from psycopg_pool._acompat import Watchdog
+
+    check = ConnectionPool.check_connection
+    with ConnectionPool(dsn, min_size=1, open=True, check=check) as pool:
+        with pool.connection(timeout=5):  # a checked checkout: the watchdog runs
+            pass
+
+        def child() -> int:
+            with pool.connection(timeout=5) as conn:  # checked too
+                return 0 if conn.execute("SELECT 1").fetchone() == (1,) else 1
+
+        assert ends_in_time(child, [Watchdog._made["cond"]]) == 0
