@@ -363,7 +363,7 @@ class AsyncWatchdog:
 class Watchdog:
     """The same for threads: one daemon thread per process serves every pool."""
 
-    _made: ClassVar[dict[str, threading.Condition]] = {}  # made at first use: see sleep()
+    _made: ClassVar[dict[str, threading.Condition]] = {}  # made at first use: see arm()
     _heap: ClassVar[list[list[Any]]] = []
     _seq = itertools.count()
     _thread: ClassVar[threading.Thread | None] = None
