@@ -53,6 +53,8 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from . import _connector as connector
+
 __all__ = [
     "AbstractConnectionPool",
     "PoolError",
@@ -79,8 +81,9 @@ def _connect(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Conn:
     kw = dict(kwargs)
     dsn = args[0] if args else kw.pop("dsn", None)
     if "database" in kw:
-        database = kw.pop("database")
-        kw.setdefault("dbname", database)
+        if "dbname" in kw:
+            raise TypeError("you can't specify both 'database' and 'dbname' arguments")
+        kw["dbname"] = kw.pop("database")
     factory = kw.pop("connection_factory", None)
     if factory is None:
         return psycopg.connect(dsn or "", **kw)
@@ -158,19 +161,20 @@ class AbstractConnectionPool:
                 raise PoolError("trying to put unkeyed connection")
         assert conn is not None  # a None conn has no key: refused above
 
-        if len(self._pool) < self.minconn and not close:
-            if conn.closed:
-                conn.close()  # broken (lost its server): drop it, freeing its resources
+        status = conn.info.transaction_status
+        if len(self._pool) < self.minconn and not close and not conn.closed:
+            if status == TransactionStatus.INTRANS or status == TransactionStatus.INERROR:
+                conn.rollback()
+                self._pool.append(conn)
+            elif status == TransactionStatus.IDLE:
+                self._pool.append(conn)
             else:
-                status = conn.info.transaction_status
-                if status == TransactionStatus.UNKNOWN:
-                    conn.close()
-                else:
-                    if status != TransactionStatus.IDLE:
-                        conn.rollback()
-                    self._pool.append(conn)
+                # Broken (lost its server), or still running a query (a generator from
+                # `cursor.stream()` left unfinished: a rollback would wait for it for
+                # ever, holding the pool's lock): closed, the query cancelled first.
+                connector.close(conn)
         else:
-            conn.close()
+            connector.close(conn)
 
         # Forget the key; an explicit key that is not checked out raises KeyError here,
         # after the connection was kept or closed (as psycopg2 does).
@@ -183,7 +187,7 @@ class AbstractConnectionPool:
             raise PoolError("connection pool is closed")
         for conn in self._pool + list(self._used.values()):
             try:
-                conn.close()
+                connector.close(conn)  # a query still running is cancelled first
             except Exception:
                 pass
         self.closed = True

@@ -168,6 +168,8 @@ def test_connection_arguments(dsn: str, app: str) -> None:
     assert pool._args == (dsn,)  # kept verbatim
     assert pool._kwargs == {"application_name": app, "autocommit": True}
 
+    with pytest.raises(TypeError, match="both 'database' and 'dbname'"):  # as psycopg2
+        SimpleConnectionPool(1, 1, dbname=dbname, database=dbname)
     with pytest.raises(TypeError, match="positional"):
         SimpleConnectionPool(1, 1, dsn, "something else")
     with pytest.raises(TypeError, match="connection_factory"):
@@ -353,6 +355,32 @@ def test_putconn_drops_broken_connection(
     assert backend_pid(fresh) != pid
     assert fetch1(fresh, "SELECT 1") == 1
     pool.putconn(fresh)
+
+
+def test_putconn_closes_a_connection_still_running_a_query(
+    dsn: str, app: str, pool_class: type[Any], new_pool: Callable[..., Any]
+) -> None:
+    # A `cursor.stream()` left unfinished: the connection is still in its query, and
+    # the stream holds the connection's lock, which a rollback would wait for for ever
+    # (under the threaded pool's lock, blocking every other thread too).
+    pool = new_pool(pool_class, 1, 2)
+    conn = pool.getconn()
+    rows = conn.cursor().stream("SELECT generate_series(1, 10000000)")
+    assert next(rows) == (1,)
+    assert conn.info.transaction_status == TransactionStatus.ACTIVE
+    returned = threading.Event()
+
+    def give_back() -> None:
+        pool.putconn(conn)
+        returned.set()
+
+    threading.Thread(target=give_back, daemon=True).start()
+    assert returned.wait(10.0), "putconn() blocked on the unfinished query"
+    assert conn.closed and idle(pool) == []
+    backends(dsn, app, 0)  # the server's side is gone too
+    other = pool.getconn()  # and the pool goes on
+    assert fetch1(other, "SELECT 1") == 1
+    pool.putconn(other)
 
 
 def test_putconn_drops_connection_closed_by_user(
