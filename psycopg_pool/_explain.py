@@ -29,8 +29,9 @@ _SECRET_KV = re.compile(
     ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s'"]+)
     """
 )
-# Up to the last "@" before the path: a password may hold an unescaped "@" too.
-_SECRET_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*):([^\s/?#]*)@")
+# Up to the last "@" of the URL: a password may hold an unescaped "@" or "/" too (a
+# generated one often does), which libpq then misreads.
+_SECRET_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*):(\S*)@")
 
 
 def mask(text: str) -> str:
@@ -50,7 +51,7 @@ def error_text(ex: BaseException) -> str:
 # URL's with an unescaped "@" (`//user:p@ss@host`: the host becomes "ss@host"). libpq's
 # errors quote such pieces, so masking `password=...` alone would show them.
 _KV_PASSWORD = re.compile(r"(?is)\bpassword\s*=\s*(.*?)(?=\s+[a-z_]\w*\s*=|\s*$)")
-_URL_NETLOC = re.compile(r"(?i)^\s*[a-z][a-z0-9+.-]*://([^/?#]*)")
+_URL_NETLOC = re.compile(r"(?i)^\s*[a-z][a-z0-9+.-]*://(\S*)")
 _URL_PASSWORD = re.compile(r"(?i)[?&]password=([^&#]*)")
 _PIECES = re.compile(r"[\s@:/'\"]+")
 _QUOTED = re.compile(r"\"([^\"]*)\"|'([^']*)'")
@@ -60,8 +61,8 @@ def password_pieces(conninfo: str) -> list[str]:
     """The text that may hold a password in `conninfo`, whole and in pieces."""
     url = _URL_NETLOC.match(conninfo)
     if url:
-        netloc = url.group(1)
-        userinfo = netloc[: netloc.rfind("@")] if "@" in netloc else ""
+        rest = url.group(1)  # the user info ends at the last "@" (see _SECRET_URL)
+        userinfo = rest[: rest.rfind("@")] if "@" in rest else ""
         found = _URL_PASSWORD.findall(conninfo)
         if ":" in userinfo:
             found.append(userinfo[userinfo.index(":") + 1 :])

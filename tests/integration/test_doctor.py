@@ -138,6 +138,11 @@ def test_a_password_libpq_misreads_is_not_printed(capsys: pytest.CaptureFixture[
     assert code == 1
     assert "cannot be parsed" in line(out, "FAIL", "conninfo")
     assert "Piece7" not in out and "Sec9ret" not in out
+    # A "/" in a URL's password: libpq reads "Sec9" as the port, "Piece7@..." as the
+    # database, and doctor shows what libpq read.
+    code, out = doctor(capsys, "postgresql://app:Sec9/Piece7@127.0.0.1:1/appdb")
+    assert code == 1
+    assert "Piece7" not in out and "Sec9" not in out
 
 
 def test_missing_database(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -87,6 +87,13 @@ def test_a_connect_error_showing_a_piece_is_replaced_by_a_masked_copy() -> None:
     assert without_password(other, conninfo) is other  # nothing to hide: the original
 
 
-def test_a_url_password_with_an_unescaped_at_is_masked_whole() -> None:
+def test_a_url_password_with_an_unescaped_at_or_slash_is_masked_whole() -> None:
     text = "dsn postgresql://app:Sec9ret@Piece7@db:5432/app and postgres://a:b@c/d"
     assert mask(text) == "dsn postgresql://app:***@db:5432/app and postgres://a:***@c/d"
+    # A generated (base64) password may hold a "/": libpq then reads a host and a
+    # database out of it.
+    url = "postgresql://app:s3cr/3tPW@db:5432/app"
+    assert mask(f"dsn {url}") == "dsn postgresql://app:***@db:5432/app"
+    shown = "dbname=3tPW@db:5432/app host=app port=s3cr"  # how libpq parses it
+    masked = mask_pieces(shown, password_pieces(url))
+    assert "3tPW" not in masked and "s3cr" not in masked
