@@ -9,6 +9,7 @@ Also ``python -m psycopg_pool``. Standard library only, beyond psycopg itself.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import bench, doctor
@@ -36,4 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read the output stopped (`| head`): end quietly, as `ls | head` does.
+        # Python flushes stdout once more at exit: point it somewhere that takes it.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     return code

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import signal
 import sys
 import threading
@@ -26,6 +25,7 @@ from .._explain import error_text, mask, mask_pieces, password_pieces, without_p
 from ..errors import PoolTimeout
 from ..pool import ConnectionPool
 from ..pool_async import AsyncConnectionPool
+from . import argtypes
 from . import display as d
 from .measure import Histogram, Recent, WorkerRecord
 from .sizing import Advice, ServerInfo, advise
@@ -55,50 +55,33 @@ def add_parser(sub: Any) -> None:
         default="threads",
         help="workers are threads (default) or asyncio tasks",
     )
-    p.add_argument("--workers", type=_positive_int, default=16, help="concurrent clients (16)")
-    p.add_argument("--min-size", type=_natural, default=4, help="pool min_size (4)")
-    p.add_argument("--max-size", type=_positive_int, help="pool max_size (default: min_size)")
+    p.add_argument(
+        "--workers", type=argtypes.positive_int, default=16, help="concurrent clients (16)"
+    )
+    p.add_argument("--min-size", type=argtypes.natural, default=4, help="pool min_size (4)")
+    p.add_argument(
+        "--max-size", type=argtypes.positive_int, help="pool max_size (default: min_size)"
+    )
     p.add_argument("--query", default="SELECT 1", help="what each operation runs (SELECT 1)")
-    p.add_argument("--duration", type=_positive_float, default=10.0, help="seconds (10)")
+    p.add_argument("--duration", type=argtypes.seconds, default=10.0, help="seconds (10)")
     p.add_argument(
         "--processes",
-        type=_positive_int,
+        type=argtypes.positive_int,
         default=1,
         help="how many processes will run this pool in production, for the advice (1)",
     )
     p.add_argument(
         "--target-wait",
-        type=_positive_float,
+        type=argtypes.seconds,
         default=5.0,
         metavar="MS",
         help="the wait for a connection that 95%% of requests should stay under (5 ms)",
     )
     p.add_argument(
-        "--timeout", type=_positive_float, default=10.0, help="pool timeout, seconds (10)"
+        "--timeout", type=argtypes.seconds, default=10.0, help="pool timeout, seconds (10)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
     p.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _natural(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 class BenchError(Exception):

@@ -30,9 +30,20 @@ class LiveDisplay:
         self.stream = stream
         self.terminal = terminal
         self._drawn = 0  # lines of the block currently on screen
+        self._gone = False  # the reader of a pipe went away: nothing more to show
 
     def update(self, block: Sequence[str], line: str) -> None:
         """Show `block` (terminal) or print `line` (anything else)."""
+        if self._gone:
+            return
+        try:
+            self._show(block, line)
+        except BrokenPipeError:
+            # Updates come from a thread of their own: the command's main thread
+            # finds the pipe closed when it prints its summary, and ends quietly.
+            self._gone = True
+
+    def _show(self, block: Sequence[str], line: str) -> None:
         out = self.stream
         if not self.terminal:
             out.write(line + "\n")

@@ -33,6 +33,7 @@ from .._connection_facts import add_network_defaults
 from .._explain import mask, mask_pieces, password_pieces
 from ..errors import PoolTimeout
 from ..pool import ConnectionPool
+from . import argtypes
 from .display import fmt_seconds
 
 APP_NAME = "psycopg-pool doctor"
@@ -55,19 +56,27 @@ def add_parser(sub: Any) -> None:
         ),
     )
     p.add_argument("dsn", nargs="?", help="conninfo or URL (default: $DATABASE_URL)")
-    p.add_argument("--min-size", type=int, default=4, help="the pool's min_size (4)")
-    p.add_argument("--max-size", type=int, help="the pool's max_size (default: min_size)")
+    p.add_argument("--min-size", type=argtypes.natural, default=4, help="the pool's min_size (4)")
     p.add_argument(
-        "--processes", type=int, default=1, help="processes that will each run a pool (1)"
+        "--max-size", type=argtypes.natural, help="the pool's max_size (default: min_size)"
+    )
+    p.add_argument(
+        "--processes",
+        type=argtypes.positive_int,
+        default=1,
+        help="processes that will each run a pool (1)",
     )
     p.add_argument(
         "--max-lifetime",
-        type=float,
+        type=argtypes.seconds,
         default=3600.0,
         help="the pool's max_lifetime, seconds (3600)",
     )
     p.add_argument(
-        "--timeout", type=float, default=10.0, help="for each connection and the pool (10 s)"
+        "--timeout",
+        type=argtypes.seconds,
+        default=10.0,
+        help="for each connection and the pool (10 s)",
     )
     p.set_defaults(func=run)
 
@@ -270,11 +279,13 @@ class Doctor:
             raise Problem
 
     def connect_timeout(self) -> float:
+        """libpq's connect_timeout, or --timeout where it sets none (0 or less: none)."""
         value = self.params.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
         try:
-            return float(value) if value else float(self.args.timeout)
+            seconds = float(value) if value else 0.0
         except ValueError:
-            return float(self.args.timeout)
+            seconds = 0.0
+        return seconds if seconds > 0 else float(self.args.timeout)
 
     def connect(self, **extra: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn, autocommit=True, **{**self.kwargs, **extra})
@@ -801,6 +812,13 @@ def run(args: argparse.Namespace) -> int:
         print(
             "psycopg-pool doctor: give a DSN (or set DATABASE_URL), e.g."
             " psycopg-pool doctor 'host=db.internal dbname=app user=app'",
+            file=sys.stderr,
+        )
+        return 2
+    if args.max_size is not None and args.max_size < max(1, args.min_size):
+        print(
+            f"psycopg-pool doctor: --max-size {args.max_size} is less than --min-size"
+            f" {args.min_size} (or 1): the pool would refuse it",
             file=sys.stderr,
         )
         return 2

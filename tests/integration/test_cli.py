@@ -212,3 +212,30 @@ def test_usage_errors() -> None:
     res = run_cli("doctor", env=cli_env())
     assert res.returncode == 2
     assert "give a DSN" in res.stderr
+
+
+@pytest.mark.parametrize("command", ["doctor", "bench"])
+def test_a_reader_that_stops_early_ends_the_command_quietly(dsn: str, command: str) -> None:
+    # `psycopg-pool ... | head -1`: the pipe closes under the command's feet.
+    args = [dsn] if command == "doctor" else ["--dsn", dsn, "--duration", "2", "--workers", "2"]
+    cmd = [sys.executable, "-m", "psycopg_pool", command, *args]
+    writer = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli_env()
+    )
+    assert writer.stdout is not None and writer.stderr is not None
+    first = writer.stdout.readline()
+    writer.stdout.close()  # the reader is gone
+    err = writer.stderr.read().decode()
+    writer.stderr.close()
+    assert writer.wait(timeout=60) in (0, 1)
+    assert first.startswith(b"psycopg-pool doctor:" if command == "doctor" else b"[")
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+@pytest.mark.parametrize("command", ["doctor", "bench"])
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1", "1e10"])
+def test_a_timeout_no_wait_can_take_is_refused_naming_it(command: str, value: str) -> None:
+    res = run_cli(command, "--timeout", value, *(["host=127.0.0.1"] if command == "doctor" else []))
+    assert res.returncode == 2
+    assert "argument --timeout: must be a positive number of seconds" in res.stderr
+    assert "Traceback" not in res.stderr

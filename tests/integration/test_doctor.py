@@ -145,6 +145,26 @@ def test_a_password_libpq_misreads_is_not_printed(capsys: pytest.CaptureFixture[
     assert "Piece7" not in out and "Sec9" not in out
 
 
+def test_a_connect_timeout_of_zero_means_no_limit(
+    dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As libpq reads it: 0 (or less) sets no limit, so --timeout bounds the TCP check.
+    code, out = doctor(capsys, f"{dsn} connect_timeout=0")
+    assert code == 0, out
+    assert "accepts TCP" in line(out, "ok", "server reachable")
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "-1")
+    code, out = doctor(capsys, dsn)
+    assert code == 0, out
+
+
+def test_impossible_sizes_are_refused(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", "--min-size", "10", "--max-size", "2", dsn]) == 2
+    assert "--max-size 2 is less than --min-size 10" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["doctor", "--max-size", "-3", dsn])
+    assert "must be 0 or more" in capsys.readouterr().err
+
+
 def test_missing_database(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     params = psycopg.conninfo.conninfo_to_dict(dsn)
     params["dbname"] = "no_such_db_here"
