@@ -219,14 +219,17 @@ def run_threads(run: Run, dsn: str) -> None:
         for t in threads:
             t.start()
         try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.2)
-        except KeyboardInterrupt:
-            _interrupt(run)
-            for t in threads:
-                t.join()
-        run.done(monitor)
+            try:
+                for t in threads:
+                    while t.is_alive():
+                        t.join(0.2)
+            except KeyboardInterrupt:
+                # The workers finish their query and stop; a second Ctrl-C stops waiting.
+                _interrupt(run)
+                for t in threads:
+                    t.join()
+        finally:
+            run.done(monitor)  # even then: the display gives the cursor back
     finally:
         pool.close()
 
@@ -245,7 +248,7 @@ async def _run_asyncio(run: Run, dsn: str) -> None:
     run.fill_seconds = time.perf_counter() - t0
     loop = asyncio.get_running_loop()
     try:
-        loop.add_signal_handler(signal.SIGINT, _interrupt, run)
+        loop.add_signal_handler(signal.SIGINT, _interrupt_tasks, run)
     except (NotImplementedError, RuntimeError, ValueError):
         pass  # not the main thread, or no signals here: Ctrl-C ends the run abruptly
     try:
@@ -271,8 +274,10 @@ async def _run_asyncio(run: Run, dsn: str) -> None:
                 run.record(rec, t0, t1, t2)
 
         monitor = run.go(pool.pop_stats(), pool.get_stats)
-        await asyncio.gather(*(work(rec) for rec in run.records))
-        run.done(monitor)
+        try:
+            await asyncio.gather(*(work(rec) for rec in run.records))
+        finally:
+            run.done(monitor)  # even on a second Ctrl-C: the display gives the cursor back
     finally:
         try:
             loop.remove_signal_handler(signal.SIGINT)
@@ -284,6 +289,14 @@ async def _run_asyncio(run: Run, dsn: str) -> None:
 def _interrupt(run: Run) -> None:
     run.interrupted = True
     run.stop.set()
+
+
+def _interrupt_tasks(run: Run) -> None:
+    """Ctrl-C with asyncio: the first lets the tasks finish their query, the second
+    stops the run at once (the loop lets a KeyboardInterrupt from a callback through)."""
+    if run.interrupted:
+        raise KeyboardInterrupt
+    _interrupt(run)
 
 
 def _consume(cur: psycopg.Cursor[Any]) -> None:

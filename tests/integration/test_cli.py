@@ -12,6 +12,7 @@ import json
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +240,61 @@ def test_a_timeout_no_wait_can_take_is_refused_naming_it(command: str, value: st
     assert res.returncode == 2
     assert "argument --timeout: must be a positive number of seconds" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("mode", ["threads", "asyncio"])
+def test_ctrl_c_twice_stops_a_run_of_slow_queries_and_gives_the_cursor_back(
+    dsn: str, mode: str
+) -> None:
+    # The first Ctrl-C lets the workers finish their query; the second stops waiting
+    # for them. Either way the terminal gets its cursor back.
+    # bench runs its query once before the run to check it: that one must be quick.
+    seq = f"cli_ctrl_c_{mode}_{os.getpid()}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE SEQUENCE {seq}")
+    query = f"SELECT pg_sleep(CASE WHEN nextval('{seq}') = 1 THEN 0 ELSE 30 END)"
+    args = ["--dsn", dsn, "--mode", mode, "--workers", "2", "--duration", "60", "--query", query]
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "psycopg_pool", "bench", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        env=cli_env(TERM="xterm"),
+    )
+    os.close(terminal)
+    out = b""
+    while b"\x1b[?25l" not in out:  # the live display is up: the run has started
+        out += os.read(controller, 65536)
+    ended = None
+    for _ in range(5):  # each Ctrl-C, then up to 2 s for the process to end
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            ended = proc.wait(timeout=2.0)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    if ended is None:
+        proc.kill()
+        proc.wait()
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the process closed its end
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(controller)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.stderr:
+        proc.stderr.close()
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        # The queries of threads stopped that way run on in the server (they hold the
+        # sequence): cancel them, then drop it.
+        sql = "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query = %s"
+        admin.execute(sql, [query])
+        admin.execute(f"DROP SEQUENCE {seq}")
+    assert ended == 130, (ended, err)  # long before the queries' 30 s
+    assert "interrupted" in err and "Traceback" not in err, err
+    assert out.rfind(b"\x1b[?25h") > out.rfind(b"\x1b[?25l")  # the cursor is back
