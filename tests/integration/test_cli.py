@@ -129,6 +129,21 @@ def test_bench_json_asyncio(dsn: str) -> None:
     assert data["pool"]["stats"]["pool_max"] == 4
 
 
+def read_to_the_end(controller: int) -> bytes:
+    """What a pseudo-terminal's process writes until it closes its end; closes ours."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the process closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    return b"".join(chunks)
+
+
 def test_bench_on_a_terminal_redraws_in_place(dsn: str) -> None:
     """On a (pseudo-)terminal: the block is redrawn with cursor moves, then the summary."""
     script = Path(sys.executable).parent / "psycopg-pool"
@@ -142,20 +157,11 @@ def test_bench_on_a_terminal_redraws_in_place(dsn: str) -> None:
         env=cli_env(TERM="xterm"),
     )
     os.close(terminal)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(controller, 65536)
-        except OSError:  # EIO: the process closed its end
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(controller)
+    out_bytes = read_to_the_end(controller)
     assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
     if proc.stderr:
         proc.stderr.close()
-    out = b"".join(chunks).decode()
+    out = out_bytes.decode()
     assert "\x1b[?25l" in out  # cursor hidden while drawing ...
     assert "\x1b[?25h" in out  # ... and given back
     assert "\x1b[2K" in out
@@ -277,15 +283,7 @@ def test_ctrl_c_twice_stops_a_run_of_slow_queries_and_gives_the_cursor_back(
     if ended is None:
         proc.kill()
         proc.wait()
-    while True:
-        try:
-            chunk = os.read(controller, 65536)
-        except OSError:  # EIO: the process closed its end
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(controller)
+    out += read_to_the_end(controller)
     err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.stderr:
         proc.stderr.close()
