@@ -498,7 +498,7 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
     lines = [
         "",
         f"SUMMARY: {d.fmt_int(res['queries'])} queries in {res['elapsed_s']:.2f} s ="
-        f" {d.fmt_int(res['throughput_qps'])} queries/s,"
+        f" {d.fmt_rate(res['throughput_qps'])} queries/s,"
         f" {d.fmt_int(sum(e['count'] for e in res['errors'].values()))} errors"
         + (" (interrupted)" if res["interrupted"] else ""),
         f"  {cfg['mode']}, {cfg['workers']} workers, min_size {cfg['min_size']},"

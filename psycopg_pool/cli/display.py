@@ -114,6 +114,13 @@ def fmt_int(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def fmt_rate(per_second: float) -> str:
+    """A rate with 3 significant digits below 100 ('0.42', '7.5'), whole above."""
+    if per_second < 100:
+        return f"{per_second:.3g}"
+    return f"{per_second:,.0f}"
+
+
 def fmt_seconds(seconds: float) -> str:
     """A setting's duration, as PostgreSQL shows them: '30s', '5min', '1h'."""
     if not seconds:

@@ -23,6 +23,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .display import fmt_ms, fmt_rate
 from .measure import Histogram
 
 REPLAY_OPS = 20_000
@@ -136,14 +137,14 @@ def advise(
     adv.lines.append(
         (
             "busy connections",
-            f"Little's law: {throughput:,.0f} queries/s x {mean_use * 1000:.3g} ms in use ="
+            f"Little's law: {fmt_rate(throughput)} queries/s x {fmt_ms(mean_use)} ms in use ="
             f" {busy:.1f} connections busy on average{check}",
         )
     )
     queued = throughput * mean_wait
     adv.waiting_clients = round(queued, 2)
     text = (
-        f"{throughput:,.0f} queries/s x {mean_wait * 1000:.3g} ms waiting ="
+        f"{fmt_rate(throughput)} queries/s x {fmt_ms(mean_wait)} ms waiting ="
         f" {queued:.1f} clients waiting for a connection on average"
     )
     if queued >= 1.0:
@@ -167,7 +168,7 @@ def advise(
     adv.lines.append(
         (
             "max_size",
-            f"{best} serves {throughput:,.0f} queries/s arriving at random with 95% of waits"
+            f"{best} serves {fmt_rate(throughput)} queries/s arriving at random with 95% of waits"
             f" under {target * 1000:g} ms (replay of the measured times in use: p95 wait"
             f" {p95 * 1000:.3g} ms); {verdict}",
         )

@@ -296,3 +296,31 @@ def test_ctrl_c_twice_stops_a_run_of_slow_queries_and_gives_the_cursor_back(
     assert ended == 130, (ended, err)  # long before the queries' 30 s
     assert "interrupted" in err and "Traceback" not in err, err
     assert out.rfind(b"\x1b[?25h") > out.rfind(b"\x1b[?25l")  # the cursor is back
+
+
+def test_slow_queries_get_readable_numbers_in_the_advice() -> None:
+    # 2 connections each busy 20 s on one query: 0.1 queries/s, not "0 queries/s x
+    # 2e+04 ms".
+    from psycopg_pool.cli.measure import Histogram
+    from psycopg_pool.cli.sizing import ServerInfo, advise
+
+    use, wait = Histogram(), Histogram()
+    for _ in range(2):
+        use.add(20.0)
+        wait.add(0.001)
+    adv = advise(
+        max_size=2,
+        min_size=2,
+        ops=2,
+        elapsed=20.0,
+        wait=wait,
+        use=use,
+        target=0.05,
+        processes=1,
+        server=ServerInfo(),
+        connect_ms=None,
+        sampled_busy=None,
+    )
+    busy = dict(adv.lines)["busy connections"]
+    assert busy.startswith("Little's law: 0.1 queries/s x 20,"), busy
+    assert "e+" not in " ".join(text for _, text in adv.lines)
