@@ -54,7 +54,12 @@ class LiveDisplay:
             parts.append(f"{_CSI}{self._drawn}F")  # to the start of the block's first line
         else:
             parts.append(f"{_CSI}?25l")  # hide the cursor while redrawing
+        # A line wider than the terminal wraps onto two rows, and the redraw, which moves
+        # up one row per line, would leave a stale copy behind each time.
+        width = _columns(out)
         for text in block:
+            if width and len(text) >= width:
+                text = text[: width - 4] + "..."  # ASCII: any terminal encoding takes it
             parts.append(f"{_CSI}2K{text}\n")
         # A shorter block than last time: clear what is left below it.
         for _ in range(self._drawn - len(block)):
@@ -69,6 +74,14 @@ class LiveDisplay:
             self.stream.write(f"{_CSI}?25h")
             self.stream.flush()
         self._drawn = 0
+
+
+def _columns(stream: TextIO) -> int:
+    """The terminal's width, or 0 if it cannot tell."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def progress_bar(done: float, total: float, width: int = 30) -> str:

@@ -8,13 +8,16 @@ checked is the shape of the output, never a number that depends on the machine.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import psycopg
@@ -24,6 +27,7 @@ from .helpers import refused_conninfo
 
 ROOT = Path(__file__).resolve().parents[2]
 ESCAPE = re.compile(r"[\x1b\x9b]")  # ESC, or a C1 control sequence introducer
+ESCAPE_SEQUENCE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PROGRESS = re.compile(
     r"^\[ *\d+\.\d/[\d.]+ s\] [\d,]+ queries/s  p50 \S+ ms  p95 \S+ ms  p99 \S+ ms"
     r"  pool size \d+/\d+ idle \d+ waiting \d+  errors \d+$"
@@ -324,3 +328,39 @@ def test_slow_queries_get_readable_numbers_in_the_advice() -> None:
     busy = dict(adv.lines)["busy connections"]
     assert busy.startswith("Little's law: 0.1 queries/s x 20,"), busy
     assert "e+" not in " ".join(text for _, text in adv.lines)
+
+
+def test_the_live_block_fits_a_narrow_terminal(dsn: str) -> None:
+    # A line wider than the terminal would wrap, and each redraw leave a copy behind.
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+    query = "SELECT 1 AS a_rather_long_column_alias_to_widen_the_header_line"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "psycopg_pool",
+            "bench",
+            "--dsn",
+            dsn,
+            "--duration",
+            "1",
+            "--workers",
+            "2",
+            "--query",
+            query,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        env=cli_env(TERM="xterm"),
+    )
+    os.close(terminal)
+    out = read_to_the_end(controller).decode()
+    assert proc.wait(timeout=60) == 0
+    if proc.stderr:
+        proc.stderr.close()
+    drawn = [line for line in out.split("\n") if line.startswith("\x1b[2K")]
+    assert len(drawn) > 5  # redrawn at least once
+    widths = [len(ESCAPE_SEQUENCE.sub("", line).rstrip("\r")) for line in drawn]
+    assert max(widths) < 40, [line for line in drawn if len(line) >= 40]
