@@ -224,6 +224,7 @@ class Doctor:
                         " unix_socket_directories setting, with its port",
                     )
                 continue
+            addrs = [addr]
             if not addr:
                 try:
                     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -235,48 +236,56 @@ class Doctor:
                         "check the spelling of host=, and that this machine's DNS (or"
                         " /etc/hosts) knows the name",
                     )
-                    local = False
                     continue
-                addr = str(infos[0][4][0])
+                # Every address, in order, as libpq tries them ("localhost" is often
+                # ::1 first, then 127.0.0.1, and a server may listen on one only).
+                addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
                 if not _is_ip(host):
-                    self.add(OK, "host lookup", f"{host} resolves to {addr}")
-            local = local and _is_loopback(addr)
-            t0 = time.perf_counter()
-            try:
-                with socket.create_connection((addr, port), timeout=timeout):
-                    pass
-            except ConnectionRefusedError:
-                self.add(
-                    FAIL,
-                    "server reachable",
-                    f"connection refused at {addr} port {port}: nothing listens there",
-                    "start the server, check the port (SHOW port), and that its"
-                    " listen_addresses includes this interface (it is 'localhost' by default)",
-                )
-                continue
-            except TimeoutError:
-                self.add(
-                    FAIL,
-                    "server reachable",
-                    f"no answer from {addr} port {port} within {timeout:g} s",
-                    "a firewall or security group drops the packets, or the host is down:"
-                    " open the port from this machine to the server",
-                )
-                continue
-            except OSError as ex:
-                self.add(
-                    FAIL,
-                    "server reachable",
-                    f"cannot reach {addr} port {port}: {ex.strerror or ex}",
-                    "check the address and the network route to the server",
-                )
-                continue
-            ms = (time.perf_counter() - t0) * 1000
-            self.add(OK, "server reachable", f"{addr} port {port} accepts TCP ({ms:.1f} ms)")
-            reachable += 1
+                    self.add(OK, "host lookup", f"{host} resolves to {', '.join(addrs)}")
+            failed: list[tuple[str, str]] = []
+            for addr in addrs:
+                t0 = time.perf_counter()
+                problem = self.tcp_problem(addr, port, timeout)
+                if problem is None:
+                    ms = (time.perf_counter() - t0) * 1000
+                    found = f"{addr} port {port} accepts TCP ({ms:.1f} ms)"
+                    if failed:
+                        found += f"; before it, {'; '.join(text for text, _ in failed)}"
+                    self.add(OK, "server reachable", found)
+                    local = local and _is_loopback(addr)
+                    reachable += 1
+                    break
+                failed.append(problem)
+            else:
+                for text, fix in failed:
+                    self.add(FAIL, "server reachable", text, fix)
         self.local = local
         if not reachable:
             raise Problem
+
+    @staticmethod
+    def tcp_problem(addr: str, port: int, timeout: float) -> tuple[str, str] | None:
+        """Why `addr` does not accept a TCP connection on `port`, and the fix; or None."""
+        try:
+            with socket.create_connection((addr, port), timeout=timeout):
+                return None
+        except ConnectionRefusedError:
+            return (
+                f"connection refused at {addr} port {port}: nothing listens there",
+                "start the server, check the port (SHOW port), and that its"
+                " listen_addresses includes this interface (it is 'localhost' by default)",
+            )
+        except TimeoutError:
+            return (
+                f"no answer from {addr} port {port} within {timeout:g} s",
+                "a firewall or security group drops the packets, or the host is down:"
+                " open the port from this machine to the server",
+            )
+        except OSError as ex:
+            return (
+                f"cannot reach {addr} port {port}: {ex.strerror or ex}",
+                "check the address and the network route to the server",
+            )
 
     def connect_timeout(self) -> float:
         """libpq's connect_timeout, or --timeout where it sets none (0 or less: none)."""

@@ -7,9 +7,11 @@ with a fix, that the exit status says so, and that no password is ever printed.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -163,6 +165,32 @@ def test_impossible_sizes_are_refused(dsn: str, capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         main(["doctor", "--max-size", "-3", dsn])
     assert "must be 0 or more" in capsys.readouterr().err
+
+
+def test_every_address_of_a_host_is_tried(
+    dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A name whose first address has no server ("localhost" resolving to ::1 first, a
+    # server listening on 127.0.0.1 only): libpq goes on to the next, so must doctor.
+    from psycopg_pool.cli import doctor as doctor_module
+
+    port = int(psycopg.conninfo.conninfo_to_dict(dsn).get("port") or 5432)
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host != "two-addresses.test":
+            return real(host, *args, **kwargs)
+        return [  # the test server listens on 127.0.0.1 only: 127.0.0.2 refuses
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+
+    monkeypatch.setattr(doctor_module.socket, "getaddrinfo", getaddrinfo)
+    _, out = doctor(capsys, f"host=two-addresses.test port={port} dbname=postgres")
+    assert "two-addresses.test resolves to 127.0.0.2, 127.0.0.1" in out
+    found = line(out, "ok", "server reachable")
+    assert f"127.0.0.1 port {port} accepts TCP" in found
+    assert "before it, connection refused at 127.0.0.2" in found
 
 
 def test_missing_database(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
