@@ -193,6 +193,17 @@ def test_every_address_of_a_host_is_tried(
     assert "before it, connection refused at 127.0.0.2" in found
 
 
+def test_a_host_that_does_not_resolve_does_not_make_the_connection_remote(
+    dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # libpq skips it and connects to the next host, this machine: no TLS warning.
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    port, user = params.get("port") or 5432, params.get("user") or "postgres"
+    _, out = doctor(capsys, f"host=no-such-host.invalid,127.0.0.1 port={port},{port} user={user}")
+    assert "cannot resolve 'no-such-host.invalid'" in line(out, "FAIL", "host lookup")
+    assert "fine for a connection to this machine" in line(out, "ok", "TLS")
+
+
 def test_missing_database(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
     params = psycopg.conninfo.conninfo_to_dict(dsn)
     params["dbname"] = "no_such_db_here"
