@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
 import signal
 import sys
 import threading
@@ -400,11 +402,15 @@ def _short(query: str, width: int = 40) -> str:
 # Server facts, results, advice
 
 
-def server_info(dsn: str) -> ServerInfo:
-    """Read the connection slots of the server (before the pool opens)."""
+def server_info(dsn: str, timeout: float) -> ServerInfo:
+    """Read the connection slots of the server (before the pool opens), waiting for it
+    as the DSN says, or as --timeout does if it says nothing."""
     info = ServerInfo()
+    kwargs: dict[str, Any] = {}
+    if "connect_timeout" not in dsn and not os.environ.get("PGCONNECT_TIMEOUT"):
+        kwargs["connect_timeout"] = max(1, math.ceil(timeout))  # libpq takes whole seconds
     try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        with psycopg.connect(dsn, autocommit=True, **kwargs) as conn:
             row = conn.execute(
                 "SELECT current_setting('server_version'),"
                 " current_setting('max_connections')::int,"
@@ -568,7 +574,7 @@ def run(args: argparse.Namespace) -> int:
     runner = run_threads if args.mode == "threads" else run_asyncio
     try:
         with database(args.dsn) as (dsn, _embedded):
-            server = server_info(dsn)
+            server = server_info(dsn, args.timeout)
             runner(bench, dsn)
             res = results(bench, server)
     except (BenchError, NoServerError) as ex:

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import psycopg
@@ -364,3 +365,22 @@ def test_the_live_block_fits_a_narrow_terminal(dsn: str) -> None:
     assert len(drawn) > 5  # redrawn at least once
     widths = [len(ESCAPE_SEQUENCE.sub("", line).rstrip("\r")) for line in drawn]
     assert max(widths) < 40, [line for line in drawn if len(line) >= 40]
+
+
+def test_bench_against_a_silent_server_gives_up_after_its_timeout(dsn: str) -> None:
+    # Its first connection (to read the server's connection slots) waited 10 s whatever
+    # --timeout said.
+    from .faults import FaultProxy
+
+    port = int(psycopg.conninfo.conninfo_to_dict(dsn).get("port") or 5432)
+    with FaultProxy(port) as proxy:
+        proxy.blackhole()
+        t0 = time.monotonic()
+        res = run_cli("bench", "--dsn", proxy.conninfo(dsn), "--timeout", "1", "--duration", "1")
+        elapsed = time.monotonic() - t0
+        proxy.resume()
+    assert res.returncode == 1
+    assert "the pool could not open its connections" in res.stderr
+    # About 8 s: the first connection 2 x 1 s (libpq tries TLS, then without), the pool
+    # 1 s, and up to 5 s for its close() to stop the attempts under way. It was 10 s more.
+    assert elapsed < 12.0
