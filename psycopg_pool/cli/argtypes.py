@@ -22,6 +22,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_number(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def seconds(text: str) -> float:
     """A positive, finite duration that threads and sockets can wait for."""
     value = float(text)

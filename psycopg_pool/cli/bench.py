@@ -74,7 +74,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--target-wait",
-        type=argtypes.seconds,
+        type=argtypes.positive_number,
         default=5.0,
         metavar="MS",
         help="the wait for a connection that 95%% of requests should stay under (5 ms)",

@@ -384,3 +384,10 @@ def test_bench_against_a_silent_server_gives_up_after_its_timeout(dsn: str) -> N
     # About 8 s: the first connection 2 x 1 s (libpq tries TLS, then without), the pool
     # 1 s, and up to 5 s for its close() to stop the attempts under way. It was 10 s more.
     assert elapsed < 12.0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-2"])
+def test_a_target_wait_that_is_not_a_positive_number_is_refused(value: str) -> None:
+    res = run_cli("bench", "--target-wait", value)
+    assert res.returncode == 2
+    assert "argument --target-wait: must be a positive number, got" in res.stderr
