@@ -24,7 +24,7 @@ from time import monotonic
 from types import TracebackType
 from typing import Any, Generic, cast
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, ProgrammingError
 from psycopg.errors import ConnectionTimeout
 from psycopg.pq import TransactionStatus
 from typing_extensions import Self, TypeVar
@@ -1375,6 +1375,7 @@ class _AsyncConnectionContext(Generic[ACT]):
         conn = self._conn
         pool = self._pool
         later = False
+        unfinished = False
         try:
             # Ending the transaction is psycopg's job, but on an idle connection it
             # is a no-op that still costs a lock round: skip it then.
@@ -1382,15 +1383,26 @@ class _AsyncConnectionContext(Generic[ACT]):
             if status != _IDLE:
                 if exc_type is not None and acancelled(exc_type) and conn._pool is pool:
                     later = True
-                elif exc_type is None or status != _ACTIVE:
+                elif status != _ACTIVE:
                     await conn.__aexit__(exc_type, exc_val, exc_tb)
-                # (Else a query still runs, its wait interrupted: psycopg could not roll
-                # back, only warn. The pool cancels the query, closes the connection.)
+                else:
+                    # A query still runs: its wait was interrupted (psycopg could not
+                    # roll back, only warn), or, with no exception, a `cursor.stream()`
+                    # is left unfinished, holding the connection's lock, for which
+                    # psycopg's commit would wait for ever. The pool cancels the query
+                    # and closes the connection.
+                    unfinished = exc_type is None and not conn.autocommit
         finally:
             if later:
                 pool._put_back_later(conn)  # cancelled: see there
             elif not pool._put_back(conn):
                 await pool._putconn_slow(conn)
+        if unfinished:
+            raise ProgrammingError(
+                "the connection() block ended while a query was still running (an"
+                " unfinished cursor.stream()?): its transaction could not be committed;"
+                " the connection was closed"
+            )
 
 
 async def _housekeeper(wref: weakref.ref[AsyncConnectionPool[Any]], wakeup: AsyncWakeup) -> None:

@@ -6,6 +6,7 @@ statuses, the reset callback and their WARNING logs), traps 13-15, 18, 23, 24.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import resource
@@ -336,6 +337,71 @@ def test_a_cancel_request_on_a_descriptor_past_fd_setsize(dsn: str) -> None:
         wait_until(lambda: not query_running(dsn, query), "the server to stop the query")
     finally:
         conn.close()  # its query's result unread: no `with`, whose exit would commit
+
+
+STREAM = "SELECT generate_series(1, 10000000) /* unfinished stream */"
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_a_block_left_with_an_unfinished_stream_does_not_hang(
+    dsn: str, autocommit: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The stream holds the connection's lock while suspended: psycopg's commit at the
+    # block's end would wait for it for ever (upstream's does).
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("CREATE TABLE IF NOT EXISTS unfinished_stream (x int)")
+        admin.execute("TRUNCATE unfinished_stream")
+    outcome: list[BaseException | None] = []
+    ended = threading.Event()
+    with ConnectionPool(dsn, min_size=1, kwargs={"autocommit": autocommit}) as pool:
+
+        def block() -> None:
+            try:
+                with pool.connection(timeout=5) as conn:
+                    conn.execute("INSERT INTO unfinished_stream VALUES (1)")
+                    rows = conn.cursor().stream(STREAM)
+                    assert next(rows) == (1,)
+                outcome.append(None)
+            except BaseException as ex:
+                outcome.append(ex)
+            finally:
+                ended.set()
+
+        threading.Thread(target=block, daemon=True).start()
+        assert ended.wait(10.0), "the block's end waited for the stream"
+        wait_until(lambda: not query_running(dsn, STREAM), "the server to stop the stream")
+        with pool.connection(timeout=5) as conn:  # the pool goes on
+            assert conn.execute("SELECT count(*) FROM unfinished_stream").fetchone() == (
+                1 if autocommit else 0,  # the transaction was not committed
+            )
+    if autocommit:
+        assert outcome == [None]  # nothing to commit: the stream is just dropped
+    else:
+        assert isinstance(outcome[0], psycopg.ProgrammingError)
+        assert "could not be committed" in str(outcome[0])
+    assert "closing returned connection" in caplog.text
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+@run_async
+async def test_async_a_block_left_with_an_unfinished_stream_does_not_hang(
+    dsn: str, autocommit: bool
+) -> None:
+    async with async_pool(dsn, kwargs={"autocommit": autocommit}) as pool:
+
+        async def block() -> None:
+            async with pool.connection(timeout=5) as conn:
+                rows = conn.cursor().stream(STREAM)
+                assert await anext(rows) == (1,)
+
+        if autocommit:
+            await asyncio.wait_for(block(), 10.0)
+        else:
+            with pytest.raises(psycopg.ProgrammingError, match="could not be committed"):
+                await asyncio.wait_for(block(), 10.0)
+        await await_until(lambda: not query_running(dsn, STREAM), "the server to stop it")
+        async with pool.connection(timeout=5) as conn:
+            assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
 
 
 def test_return_with_failing_rollback(
