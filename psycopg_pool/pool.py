@@ -1377,7 +1377,6 @@ class _ConnectionContext(Generic[CT]):
         conn = self._conn
         pool = self._pool
         later = False
-        unfinished = False
         try:
             # Ending the transaction is psycopg's job, but on an idle connection it
             # is a no-op that still costs a lock round: skip it then.
@@ -1392,19 +1391,18 @@ class _ConnectionContext(Generic[CT]):
                     # roll back, only warn), or, with no exception, a `cursor.stream()`
                     # is left unfinished, holding the connection's lock, for which
                     # psycopg's commit would wait for ever. The pool cancels the query
-                    # and closes the connection.
-                    unfinished = exc_type is None and not conn.autocommit
+                    # and closes the connection (below).
+                    if exc_type is None and not conn.autocommit:
+                        raise ProgrammingError(
+                            "the connection() block ended while a query was still running"
+                            " (an unfinished cursor.stream()?): its transaction could not"
+                            " be committed; the connection was closed"
+                        )
         finally:
             if later:
                 pool._put_back_later(conn)  # cancelled: see there
             elif not pool._put_back(conn):
                 pool._putconn_slow(conn)
-        if unfinished:
-            raise ProgrammingError(
-                "the connection() block ended while a query was still running (an"
-                " unfinished cursor.stream()?): its transaction could not be committed;"
-                " the connection was closed"
-            )
 
 
 def _housekeeper(wref: weakref.ref[ConnectionPool[Any]], wakeup: Wakeup) -> None:
