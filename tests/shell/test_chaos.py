@@ -42,11 +42,14 @@ from .fakes import ACTIVE, INERROR, INTRANS, Fakes
 from .harness import TALLY
 
 # What a client may see: an error of the fakes (or of psycopg about a closed
-# connection), the pool's, its own, a cancellation or a deadline.
+# connection), the pool's, its own, a cancellation or a deadline; ProgrammingError
+# for a `connection()` block left, outside autocommit, with a query still running
+# (its transaction cannot be committed).
 ALLOWED = {
     "ok",
     "conn",
     "OperationalError",
+    "ProgrammingError",
     "PoolTimeout",
     "PoolClosed",
     "Interrupt",
